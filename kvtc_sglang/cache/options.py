@@ -1,0 +1,223 @@
+"""Typed options of the compressed KV tier, read from SGLang's ServerArgs.
+
+The same options arrive two ways: as ``--kv-compress``/``--kvtc-*`` flags added to SGLang's parser by the plugin
+(then carried as plain attributes on ServerArgs), or as ServerArgs dataclass fields once the in-tree patch
+(``kvtc-sglang patch apply``) is applied. Both use the attribute names in ``SERVER_ARGS_ATTRS``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+KV_COMPRESS_CHOICES = ("none", "kvtc")
+ENTROPY_CHOICES = ("auto", "deflate", "gdeflate", "ans", "none")
+
+# KVTCOptions field -> ServerArgs attribute (and CLI flag: "--" + attribute with "-" for "_").
+SERVER_ARGS_ATTRS = {
+    "kv_compress": "kv_compress",
+    "calibration": "kvtc_calibration",
+    "ratio": "kvtc_ratio",
+    "store_budget": "kvtc_store_budget",
+    "host_spill": "kvtc_host_spill",
+    "sink_tokens": "kvtc_sink_tokens",
+    "window_tokens": "kvtc_window_tokens",
+    "entropy": "kvtc_entropy",
+    "min_compress_tokens": "kvtc_min_compress_tokens",
+}
+
+_UNITS = {
+    "b": 1,
+    "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+    "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
+}
+_SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
+
+
+def _parse_size(text: str, what: str) -> tuple[str, float]:
+    """Split a size string into ("bytes", value) or ("fraction", value); ValueError on bad syntax."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string such as '2GiB', '512MB', '1073741824' or '0.25', got {text!r}")
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{what}={text!r} is not a size: use bytes ('1073741824'), a unit "
+                         f"({', '.join(u for u in _UNITS if u != 'b').upper()}, e.g. '2GiB', '512MB') or a "
+                         f"fraction of the KV pool memory in (0, 1) such as '0.25'")
+    num, unit = match.group("num"), match.group("unit").lower()
+    if unit:
+        if unit not in _UNITS:
+            raise ValueError(f"{what}={text!r}: unknown unit {match.group('unit')!r}; use one of "
+                             "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)")
+        return "bytes", float(num) * _UNITS[unit]
+    if "." in num:
+        return "fraction", float(num)
+    return "bytes", float(int(num))
+
+
+def parse_bytes(text: str, total_kv_bytes: int | None = None, *, what: str = "store budget",
+                allow_fraction: bool = True) -> int:
+    """Turn a size string into a byte count.
+
+    Args:
+        text: bytes ("1073741824"), bytes with a unit ("2GiB", "512MB", "1.5GB"; KB/MB/GB/TB are powers of 1000,
+            KiB/MiB/GiB/TiB powers of 1024), or a fraction in (0, 1) of ``total_kv_bytes`` ("0.25"; a number with a
+            decimal point and no unit).
+        total_kv_bytes: the KV memory a fraction refers to; required when ``text`` is a fraction.
+        what: names the option in error messages.
+        allow_fraction: False for sizes that cannot be a fraction (e.g. the host spill size).
+
+    Returns:
+        The size in bytes, rounded down to an integer (>= 0).
+    """
+    kind, value = _parse_size(text, what)
+    if kind == "fraction":
+        if not allow_fraction:
+            raise ValueError(f"{what}={text!r}: give a byte size (e.g. '8GiB' or '0' to disable), not a fraction")
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{what}={text!r}: a fraction of the KV pool memory must be in (0, 1)")
+        if total_kv_bytes is None:
+            raise ValueError(f"{what}={text!r} is a fraction of the KV pool memory, but that size is not known here")
+        if total_kv_bytes < 0:
+            raise ValueError(f"total KV memory must be >= 0 bytes, got {total_kv_bytes}")
+        return int(math.floor(value * total_kv_bytes))
+    if not math.isfinite(value):
+        raise ValueError(f"{what}={text!r} is not a finite size")
+    return int(math.floor(value))
+
+
+def is_fraction(text: str) -> bool:
+    """Whether a size string is a fraction of the KV pool memory (vs. an absolute byte size)."""
+    return _parse_size(text, "size")[0] == "fraction"
+
+
+@dataclass(frozen=True)
+class KVTCOptions:
+    """Options of the compressed KV tier (one per server; identical on every TP rank).
+
+    Attributes:
+        kv_compress: "none" (plain radix cache) or "kvtc" (compressed tier on).
+        calibration: path of the calibration artifact (a directory holding ``card.json``, or the card itself);
+            made by ``kvtc-sglang calibrate --model <model-path> --out <dir>``. Required with "kvtc".
+        ratio: target compression ratio; must name one of the bit plans in the calibration card (e.g. 8, 16, 32, 64).
+        store_budget: size of the compressed store, taken out of the KV pool memory so total GPU memory is unchanged:
+            bytes ("2GiB", "512MB", "1073741824") or a fraction in (0, 1) of the KV memory ("0.25").
+        host_spill: bytes of pinned host memory for blobs pushed out of the store ("0" disables host spill).
+        sink_tokens: leading positions of every sequence that are never compressed (attention sinks).
+        window_tokens: most recent tokens at the end of a cached sequence that are never compressed.
+        entropy: lossless stage after quantization: "auto" (GPU DEFLATE when nvCOMP is available, else none),
+            "deflate", "gdeflate", "ans" or "none".
+        min_compress_tokens: smallest run of compressible tokens (after removing sink and window tokens) worth
+            turning into a blob. Default 256: twice the default window and a multiple of every supported page size;
+            a 256-token Llama-3.1-8B run is 32 MiB of bf16 KV, large enough that the per-blob costs (header and
+            checksum, per-group shift/scale setup, one kernel launch per stage and layer group) stay small next to the
+            bytes saved and the restore stays cheaper than recomputing the run. Shorter runs are evicted as usual.
+    """
+
+    kv_compress: str = "none"
+    calibration: str | None = None
+    ratio: float = 16.0
+    store_budget: str = "0.25"
+    host_spill: str = "0"
+    sink_tokens: int = 4
+    window_tokens: int = 128
+    entropy: str = "auto"
+    min_compress_tokens: int = 256
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_compress == "kvtc"
+
+    @classmethod
+    def from_server_args(cls, server_args: Any) -> "KVTCOptions":
+        """Read the options from a ServerArgs (plugin attributes or patched fields) or an argparse namespace.
+
+        Missing attributes take the defaults; values are coerced to the field types (so ``store_budget=1 << 30`` from
+        Python works), but not validated: call ``validate()``.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            attr = SERVER_ARGS_ATTRS[f.name]
+            if hasattr(server_args, attr):
+                values[f.name] = getattr(server_args, attr)
+        return cls.from_values(**values)
+
+    @classmethod
+    def from_values(cls, **values: Any) -> "KVTCOptions":
+        """Build options from field values, coercing types; ValueError names the field that cannot be converted."""
+        defaults = cls()
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            value = values.pop(f.name, getattr(defaults, f.name))
+            out[f.name] = _coerce(f.name, value)
+        if values:
+            raise ValueError(f"unknown KVTC option(s): {', '.join(sorted(values))}")
+        return cls(**out)
+
+    def to_server_args_attrs(self) -> dict[str, Any]:
+        """``{ServerArgs attribute: value}`` for every option."""
+        return {SERVER_ARGS_ATTRS[f.name]: getattr(self, f.name) for f in fields(self)}
+
+    def non_default_fields(self) -> list[str]:
+        """Names of the options that differ from their defaults."""
+        defaults = type(self)()
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
+
+    def validate(self) -> "KVTCOptions":
+        """Check every value; raise ValueError naming the CLI flag and the allowed range. Returns self."""
+        if self.kv_compress not in KV_COMPRESS_CHOICES:
+            raise ValueError(f"--kv-compress must be one of {', '.join(KV_COMPRESS_CHOICES)}, got {self.kv_compress!r}")
+        if self.entropy not in ENTROPY_CHOICES:
+            raise ValueError(f"--kvtc-entropy must be one of {', '.join(ENTROPY_CHOICES)}, got {self.entropy!r}")
+        if not (math.isfinite(self.ratio) and self.ratio > 0):
+            raise ValueError(f"--kvtc-ratio must be a positive number (a plan of the calibration card), "
+                             f"got {self.ratio!r}")
+        for name, flag, low in (("sink_tokens", "--kvtc-sink-tokens", 0), ("window_tokens", "--kvtc-window-tokens", 0),
+                                ("min_compress_tokens", "--kvtc-min-compress-tokens", 1)):
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        budget_kind, budget = _parse_size(self.store_budget, "--kvtc-store-budget")
+        if budget_kind == "fraction":
+            if not 0.0 < budget < 1.0:
+                raise ValueError(f"--kvtc-store-budget={self.store_budget!r}: a fraction of the KV pool memory must "
+                                 "be in (0, 1)")
+        elif budget < 1:
+            raise ValueError(f"--kvtc-store-budget={self.store_budget!r}: the compressed store needs a positive size")
+        parse_bytes(self.host_spill, what="--kvtc-host-spill", allow_fraction=False)
+        if self.calibration is not None and not self.calibration.strip():
+            raise ValueError("--kvtc-calibration must be a path, got an empty string")
+        return self
+
+
+def _coerce(name: str, value: Any) -> Any:
+    try:
+        if name in ("kv_compress", "entropy"):
+            if not isinstance(value, str):
+                raise TypeError
+            return value.strip().lower()
+        if name == "calibration":
+            return None if value is None else str(value)
+        if name == "ratio":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if name in ("store_budget", "host_spill"):
+            if isinstance(value, str):
+                return value.strip()
+            if isinstance(value, bool):
+                raise TypeError
+            if isinstance(value, int):
+                return str(value)
+            if isinstance(value, float):
+                # 2147483648.0 -> "2147483648" (bytes); 0.25 -> "0.25" (a fraction)
+                return str(int(value)) if value.is_integer() else repr(value)
+            raise TypeError
+        # integer token counts
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError
+        return int(value)
+    except (TypeError, ValueError):
+        flag = "--" + SERVER_ARGS_ATTRS[name].replace("_", "-")
+        raise ValueError(f"{flag}: cannot use {value!r} ({type(value).__name__})") from None

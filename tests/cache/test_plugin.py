@@ -1,0 +1,606 @@
+"""The SGLang plugin: entry point, CLI flags, ServerArgs carriage, startup checks, factory, memory equalization.
+
+ServerArgs is built on this CPU-only machine with ``--device cpu`` (the narrowest switch: sglang 0.5.17's
+``__post_init__`` otherwise probes for an accelerator and fails), from a temporary model folder holding only a
+Llama-style ``config.json`` (SmolLM2-135M geometry: 30 layers, 3 KV heads, head_dim 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.sglang
+
+compat = pytest.importorskip("kvtc_sglang.sglang_compat")
+if compat.installed_sglang_version() != compat.SUPPORTED_SGLANG_VERSION:
+    pytest.skip(f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}", allow_module_level=True)
+
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kvtc_sglang.cache import plugin  # noqa: E402
+from kvtc_sglang.cache.options import KVTCOptions, is_fraction, parse_bytes  # noqa: E402
+from kvtc_sglang.cache.startup_checks import (  # noqa: E402
+    CalibrationCardError,
+    CalibrationModelMismatch,
+    KVTCStartupError,
+    check_build_context,
+    load_card,
+    model_geometry,
+    validate_calibration_for_model,
+)
+
+FLAGS = ["--kv-compress", "--kvtc-calibration", "--kvtc-ratio", "--kvtc-store-budget", "--kvtc-host-spill",
+         "--kvtc-sink-tokens", "--kvtc-window-tokens", "--kvtc-entropy", "--kvtc-min-compress-tokens"]
+MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+         "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
+         "head_dim": 64, "rope_theta": 100000.0, "max_position_embeddings": 8192, "vocab_size": 49152,
+         "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": True}
+
+
+def make_card(directory: Path, **model_overrides) -> Path:
+    model = {"fingerprint": "test", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
+             "rope": {"theta": 100000.0, "style": "neox"}}
+    top = {k: model_overrides.pop(k) for k in ("tp_size", "tp_rank", "plans") if k in model_overrides}
+    model.update(model_overrides)
+    card = {"format_version": 1, "model": model, "tp_size": 1, "tp_rank": 0,
+            "plans": {"8": {}, "16": {}, "32": {}, "64": {}}}
+    card.update(top)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "card.json").write_text(json.dumps(card))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model")
+    (path / "config.json").write_text(json.dumps(MODEL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def card_dir(tmp_path_factory) -> Path:
+    return make_card(tmp_path_factory.mktemp("card"))
+
+
+@pytest.fixture(scope="module")
+def registered():
+    """The plugin registered and its hooks applied, as load_plugins() does."""
+    plugin.register()
+    compat.HookRegistry.apply_hooks()
+    return compat.ServerArgs
+
+
+def build_server_args(model_dir: Path, *argv: str):
+    """Parse argv with sglang's own parser, then ServerArgs.from_cli_args (what prepare_server_args does)."""
+    parser = argparse.ArgumentParser(prog="sglang serve")
+    compat.ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(["--model-path", str(model_dir), "--device", "cpu", *argv])
+    return compat.ServerArgs.from_cli_args(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry point and CLI
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_entry_point_resolves_to_register():
+    eps = [ep for ep in importlib.metadata.entry_points(group="sglang.srt.plugins") if ep.name == "kvtc"]
+    assert len(eps) == 1, "install the project: pip install --no-deps -e ."
+    assert eps[0].value == "kvtc_sglang.cache.plugin:register"
+    assert eps[0].load() is plugin.register
+
+
+def test_launch_server_help_lists_every_flag_in_a_group():
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in FLAGS:
+        assert flag in out.stdout, flag
+    assert plugin.CLI_GROUP_TITLE in out.stdout
+
+
+SPAWN_SCRIPT = """
+import multiprocessing, sys
+
+
+def scheduler(server_args, queue):
+    # What sglang's run_scheduler_process does first: load plugins, then use the pickled ServerArgs.
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory
+    from kvtc_sglang.cache.options import KVTCOptions
+
+    load_plugins()
+    factory = get_radix_cache_factory(server_args.radix_cache_backend)
+    queue.put((getattr(factory, "__qualname__", None), KVTCOptions.from_server_args(server_args)))
+
+
+if __name__ == "__main__":
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+
+    load_plugins()  # what launch_server does before parsing
+    server_args = prepare_server_args(sys.argv[1:])
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=scheduler, args=(server_args, queue))
+    process.start()
+    print(repr(queue.get(timeout=240)))
+    process.join()
+"""
+
+
+def test_launcher_flags_reach_a_spawned_scheduler_process(model_dir, card_dir, tmp_path):
+    script = tmp_path / "launch.py"
+    script.write_text(SPAWN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), "--model-path", str(model_dir), "--device", "cpu",
+                          "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir), "--kvtc-ratio", "32",
+                          "--kvtc-window-tokens", "256"], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = KVTCOptions(kv_compress="kvtc", calibration=str(card_dir), ratio=32.0, window_tokens=256)
+    assert out.stdout.strip().splitlines()[-1] == repr(("build_tree_cache", expected))
+
+
+def test_register_twice_is_a_no_op(registered):
+    plugin.register()
+    plugin.register()
+    assert compat.get_radix_cache_factory("kvtc") is plugin.build_tree_cache
+    for target, hook in ((compat.TARGET_ADD_CLI_ARGS, plugin._add_cli_args_hook),
+                         (compat.TARGET_FROM_CLI_ARGS, plugin._from_cli_args_hook),
+                         (compat.TARGET_CONFIG_FROM_BUDGET, plugin._config_from_budget_hook)):
+        hooks = [h for _t, h, _s in compat.HookRegistry._hooks[target] if h is hook]
+        assert len(hooks) == 1, target
+
+
+def test_backend_name_claimed_by_someone_else_is_refused(monkeypatch):
+    from sglang.srt.mem_cache import registry
+
+    monkeypatch.setitem(registry._RADIX_CACHE_REGISTRY, "kvtc", lambda ctx: None)
+    with pytest.raises(RuntimeError, match="already registered"):
+        plugin.register()
+
+
+def test_add_cli_flags_skips_a_parser_that_has_them():
+    parser = argparse.ArgumentParser()
+    plugin.add_cli_flags(parser)
+    plugin.add_cli_flags(parser)  # a patched ServerArgs already declares --kv-compress: no duplicate-flag error
+    args = parser.parse_args([])
+    assert KVTCOptions.from_server_args(args) == KVTCOptions()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ServerArgs carriage
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_cli_selects_backend_and_carries_options(registered, model_dir, card_dir):
+    sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
+                           "--kvtc-ratio", "8", "--kvtc-store-budget", "1GiB", "--kvtc-host-spill", "4GiB",
+                           "--kvtc-sink-tokens", "8", "--kvtc-window-tokens", "64", "--kvtc-entropy", "deflate",
+                           "--kvtc-min-compress-tokens", "512")
+    assert sa.radix_cache_backend == "kvtc"
+    expected = KVTCOptions(kv_compress="kvtc", calibration=str(card_dir), ratio=8.0, store_budget="1GiB",
+                           host_spill="4GiB", sink_tokens=8, window_tokens=64, entropy="deflate",
+                           min_compress_tokens=512)
+    assert KVTCOptions.from_server_args(sa) == expected
+    # Pickled to the scheduler processes: the plain attributes travel in __dict__.
+    clone = pickle.loads(pickle.dumps(sa))
+    assert clone.radix_cache_backend == "kvtc"
+    assert KVTCOptions.from_server_args(clone) == expected
+
+
+def test_cli_without_kv_compress_leaves_server_args_alone(registered, model_dir):
+    sa = build_server_args(model_dir)
+    assert sa.radix_cache_backend is None
+    assert not hasattr(sa, "kv_compress")
+    assert not KVTCOptions.from_server_args(sa).enabled
+
+
+def test_missing_calibration_names_the_calibrate_command(registered, model_dir, tmp_path):
+    with pytest.raises(CalibrationCardError, match=r"kvtc-sglang calibrate --model .* --out <dir>"):
+        build_server_args(model_dir, "--kv-compress", "kvtc")
+    with pytest.raises(CalibrationCardError, match=r"kvtc-sglang calibrate --model"):
+        build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(tmp_path / "nowhere"))
+
+
+def test_unreadable_card_names_the_calibrate_command(registered, model_dir, tmp_path):
+    (tmp_path / "card.json").write_text("{not json")
+    with pytest.raises(CalibrationCardError, match="not valid JSON.*kvtc-sglang calibrate"):
+        build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(tmp_path))
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--disable-radix-cache"], "remove --disable-radix-cache"),
+    (["--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
+    (["--radix-cache-backend", "flexkv"], "--radix-cache-backend flexkv"),
+    (["--enable-lmcache"], "--enable-lmcache"),
+    (["--speculative-algorithm", "EAGLE"], "speculative"),
+    (["--kv-cache-dtype", "fp4_e2m1"], "--kv-cache-dtype fp4_e2m1"),
+    (["--page-size", "3"], "--page-size 1 or a power of two"),
+    (["--kvtc-window-tokens", "-1"], "--kvtc-window-tokens must be >= 0"),
+    (["--kvtc-store-budget", "1.5"], "must be in \\(0, 1\\)"),
+])
+def test_conflicting_flags_fail_at_startup_naming_the_fix(registered, model_dir, card_dir, argv, fix):
+    with pytest.raises(ValueError, match=fix):
+        build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir), *argv)
+
+
+def test_page_size_power_of_two_is_accepted(registered, model_dir, card_dir):
+    sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
+                           "--page-size", "16")
+    assert sa.page_size == 16 and sa.radix_cache_backend == "kvtc"
+
+
+def test_mismatched_card_fails_at_startup(registered, model_dir, tmp_path):
+    bad = make_card(tmp_path / "card", num_kv_heads=4)
+    with pytest.raises(CalibrationModelMismatch, match=r"num_kv_heads per TP rank is 4 in the card but 3") as info:
+        build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(bad))
+    assert f"kvtc-sglang calibrate --model {model_dir}" in str(info.value)
+
+
+def test_ratio_without_a_plan_fails_at_startup(registered, model_dir, card_dir):
+    with pytest.raises(CalibrationModelMismatch, match=r"--kvtc-ratio 12 has no bit plan .*plans: 8, 16, 32, 64"):
+        build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
+                          "--kvtc-ratio", "12")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Calibration card vs model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_matching_card_validates_from_dir_card_file_dict_and_model_config(model_dir, card_dir):
+    card = validate_calibration_for_model(card_dir, model_dir, ratio=16)
+    assert (card.num_layers, card.num_kv_heads_per_rank, card.head_dim) == (30, 3, 64)
+    assert card.plan_key(16) == "16"
+    validate_calibration_for_model(card_dir / "card.json", model_dir / "config.json")
+    validate_calibration_for_model(card_dir, dict(MODEL))
+    from transformers import LlamaConfig
+
+    validate_calibration_for_model(card_dir, LlamaConfig(**{k: v for k, v in MODEL.items() if k != "architectures"}))
+
+
+@pytest.mark.parametrize("override, what", [
+    ({"num_layers": 24}, "num_layers is 24 in the card but 30"),
+    ({"num_kv_heads": 4}, "num_kv_heads per TP rank is 4 in the card but 3"),
+    ({"head_dim": 128}, "head_dim is 128 in the card but 64"),
+    ({"rope": {"theta": 10000.0, "style": "neox"}}, "RoPE theta is 10000.0 in the card but 100000.0"),
+    ({"tp_size": 2, "tp_rank": 1}, "tp_size \\(KV-head shards\\) is 2 in the card but 1"),
+])
+def test_mismatched_card_names_both_values_and_the_fix(model_dir, tmp_path, override, what):
+    bad = make_card(tmp_path / "card", **override)
+    with pytest.raises(CalibrationModelMismatch, match=what) as info:
+        validate_calibration_for_model(bad, model_dir)
+    assert "kvtc-sglang calibrate --model" in str(info.value)
+
+
+def test_rope_style_from_the_loaded_model_is_compared(model_dir, card_dir):
+    with pytest.raises(CalibrationModelMismatch, match="RoPE style is neox in the card but gptj"):
+        validate_calibration_for_model(card_dir, model_dir, rope_style="gptj")
+
+
+def test_tensor_parallel_cards_compare_heads_per_rank(tmp_path):
+    config = dict(MODEL, num_key_value_heads=8, num_attention_heads=32)
+    card = make_card(tmp_path / "tp2", num_kv_heads=8, tp_size=2, tp_rank=1)
+    assert validate_calibration_for_model(card, config, tp_size=2, tp_rank=1).num_kv_heads_per_rank == 4
+    with pytest.raises(CalibrationModelMismatch, match="tp_rank is 1 in the card but 0"):
+        validate_calibration_for_model(card, config, tp_size=2, tp_rank=0)
+
+
+@pytest.mark.parametrize("card_text, what", [
+    ("[]", "not a JSON object"),
+    ('{"model": {}, "plans": {"16": {}}, "format_version": 1}', "model.num_layers"),
+    ('{"model": {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8}, "format_version": 1}', "plans"),
+    ('{"model": {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8}, "plans": {"fast": {}}, "format_version": 1}',
+     "not a compression ratio"),
+    ('{"model": {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "rope": {"style": "x"}}, "plans": {"8": {}}, '
+     '"format_version": 1}', "rope.style"),
+])
+def test_malformed_cards_are_rejected_with_the_fix(tmp_path, card_text, what):
+    (tmp_path / "card.json").write_text(card_text)
+    with pytest.raises(CalibrationCardError, match=what) as info:
+        load_card(tmp_path)
+    assert "kvtc-sglang calibrate" in str(info.value)
+
+
+def test_model_geometry_reads_transformers5_rope_parameters():
+    config = {k: v for k, v in MODEL.items() if k != "rope_theta"}
+    config["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "default"}
+    geometry = model_geometry(config)
+    assert geometry.rope_theta == 500000.0 and geometry.head_dim == 64 and geometry.num_kv_heads == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_option_defaults_are_valid():
+    options = KVTCOptions().validate()
+    assert (options.kv_compress, options.ratio, options.store_budget, options.host_spill) == ("none", 16.0, "0.25", "0")
+    assert (options.sink_tokens, options.window_tokens, options.entropy, options.min_compress_tokens) == (
+        4, 128, "auto", 256)
+
+
+def test_from_server_args_coerces_python_values():
+    sa = types.SimpleNamespace(kv_compress="KVTC", kvtc_ratio=32, kvtc_store_budget=1 << 30, kvtc_host_spill=0,
+                               kvtc_sink_tokens=2.0)
+    options = KVTCOptions.from_server_args(sa).validate()
+    assert (options.kv_compress, options.ratio, options.store_budget, options.host_spill, options.sink_tokens) == (
+        "kvtc", 32.0, str(1 << 30), "0", 2)
+    assert KVTCOptions.from_values(store_budget=0.25).store_budget == "0.25"
+    with pytest.raises(ValueError, match="--kvtc-sink-tokens"):
+        KVTCOptions.from_values(sink_tokens=2.5)
+    with pytest.raises(ValueError, match="unknown KVTC option"):
+        KVTCOptions.from_values(bogus=1)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"kv_compress": "zip"}, "--kv-compress must be one of"),
+    ({"entropy": "zstd"}, "--kvtc-entropy must be one of"),
+    ({"ratio": 0.0}, "--kvtc-ratio must be a positive number"),
+    ({"ratio": -16.0}, "--kvtc-ratio must be a positive number"),
+    ({"ratio": math.nan}, "--kvtc-ratio must be a positive number"),
+    ({"sink_tokens": -1}, "--kvtc-sink-tokens must be >= 0"),
+    ({"window_tokens": -5}, "--kvtc-window-tokens must be >= 0"),
+    ({"min_compress_tokens": 0}, "--kvtc-min-compress-tokens must be >= 1"),
+    ({"store_budget": "1.0"}, "must be in \\(0, 1\\)"),
+    ({"store_budget": "0.0"}, "must be in \\(0, 1\\)"),
+    ({"store_budget": "0"}, "needs a positive size"),
+    ({"store_budget": "-1GiB"}, "is not a size"),
+    ({"store_budget": "2 GB/s"}, "is not a size"),
+    ({"store_budget": "2GX"}, "unknown unit"),
+    ({"host_spill": "0.5"}, "not a fraction"),
+    ({"host_spill": "-3"}, "is not a size"),
+    ({"calibration": "  "}, "--kvtc-calibration must be a path"),
+])
+def test_validate_rejects_bad_values_with_the_flag_name(fields, message):
+    with pytest.raises(ValueError, match=message):
+        KVTCOptions(**fields).validate()
+
+
+@pytest.mark.parametrize("text, total, expected", [
+    ("1073741824", None, 1 << 30),
+    ("2GiB", None, 2 << 30),
+    ("512MB", None, 512_000_000),
+    ("1.5GiB", None, 3 << 29),
+    (" 4 KiB ", None, 4096),
+    ("7b", None, 7),
+    ("0.25", 1000, 250),
+    (".5", 999, 499),
+])
+def test_parse_bytes(text, total, expected):
+    assert parse_bytes(text, total) == expected
+
+
+def test_parse_bytes_needs_the_total_for_a_fraction():
+    assert is_fraction("0.25") and not is_fraction("25") and not is_fraction("2.5GiB")
+    with pytest.raises(ValueError, match="not known"):
+        parse_bytes("0.25")
+    with pytest.raises(ValueError, match="not a fraction"):
+        parse_bytes("0.25", 100, allow_fraction=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory equalization
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_store_bytes_for_fraction_and_bytes():
+    assert plugin.store_bytes_for(KVTCOptions(store_budget="0.25"), 1000, 100) == (750, 25_000)
+    assert plugin.store_bytes_for(KVTCOptions(store_budget="0.1"), 7, 3) == (6, 3)  # floor(6.3) = 6
+    # bytes: the pool gives up ceil(1000 / 300) = 4 slots, the store gets exactly 1000 bytes
+    assert plugin.store_bytes_for(KVTCOptions(store_budget="1000"), 1000, 300) == (996, 1000)
+    assert plugin.store_bytes_for(KVTCOptions(store_budget="1KiB"), 10, 1024) == (9, 1024)
+
+
+@pytest.mark.parametrize("budget, tokens, per_token", [("0.99", 50, 10), ("1GiB", 10, 1 << 20), ("600", 2, 300)])
+def test_store_bytes_for_refuses_a_budget_that_leaves_no_pool(budget, tokens, per_token):
+    with pytest.raises(ValueError, match="leaves no KV pool"):
+        plugin.store_bytes_for(KVTCOptions(store_budget=budget), tokens, per_token)
+
+
+@pytest.mark.parametrize("tokens, per_token", [(-1, 10), (10, 0), (1.5, 10), (True, 10)])
+def test_store_bytes_for_rejects_bad_arguments(tokens, per_token):
+    with pytest.raises(ValueError):
+        plugin.store_bytes_for(KVTCOptions(), tokens, per_token)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.integers(1, 10 ** 8), per_token=st.integers(1, 1 << 20),
+       permille=st.integers(1, 999), budget=st.integers(1, 1 << 40))
+def test_store_bytes_for_never_grows_total_memory(tokens, per_token, permille, budget):
+    fraction = f"0.{permille:03d}"
+    try:
+        after, store = plugin.store_bytes_for(KVTCOptions(store_budget=fraction), tokens, per_token)
+    except ValueError:
+        assert tokens * (1000 - permille) < 1000  # floor(tokens * (1 - f)) == 0
+    else:
+        assert after * per_token + store == tokens * per_token
+        assert after == tokens * (1000 - permille) // 1000
+    try:
+        after, store = plugin.store_bytes_for(KVTCOptions(store_budget=str(budget)), tokens, per_token)
+    except ValueError:
+        assert -(-budget // per_token) >= tokens
+    else:
+        assert store == budget and after >= 1
+        assert after * per_token + store <= tokens * per_token
+        assert (after + 1) * per_token + store > tokens * per_token  # no slot given up beyond what the store needs
+
+
+@pytest.fixture
+def published(registered, model_dir, card_dir):
+    """A kvtc ServerArgs published as sglang's process config (page size 4), reset afterwards."""
+    from sglang.srt import runtime_context
+
+    sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
+                           "--page-size", "4")
+    runtime_context.publish(sa, role="test")
+    try:
+        with runtime_context.get_parallel().override(attn_tp_size=1):
+            yield sa
+    finally:
+        runtime_context.reset_context()
+        plugin._RESERVED_STORE_BYTES.clear()
+
+
+def fake_configurator(server_args, tp_rank: int):
+    """The attributes of sglang's KVCacheConfigurator that its real config_from_budget and pool sizing read."""
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    kvc = types.SimpleNamespace(
+        server_args=server_args, model_config=server_args.model_config, kv_cache_dtype=torch.bfloat16,
+        kv_cache_dtype_str="auto", layer_info=types.SimpleNamespace(num_effective_layers=30, start_layer=0,
+                                                                    end_layer=30),
+        ps=types.SimpleNamespace(pp_size=1, tp_rank=tp_rank), spec_algorithm=SpeculativeAlgorithm.from_string(None),
+        is_draft_worker=False, use_mla_backend=False, is_hybrid_swa=False)
+    kvc._apply_token_constraints = lambda tokens: compat.KVCacheConfigurator._apply_token_constraints(kvc, tokens)
+    return kvc
+
+
+def test_pool_sizing_hook_carves_the_store_out_of_the_kv_budget(published):
+    per_token = 3 * (64 + 64) * 30 * 2  # KV heads x (K + V head dims) x layers x bf16
+    kvc = fake_configurator(published, tp_rank=0)
+    assert compat.kv_bytes_per_token(kvc) == per_token
+    budget = 1 << 30
+    config = compat.KVCacheConfigurator.config_from_budget(kvc, budget)  # the hooked sglang method
+    tokens = budget // per_token
+    after = tokens * 3 // 4
+    assert config.max_total_num_tokens == after // 4 * 4  # then page-aligned by sglang
+    assert plugin.reserved_store_bytes(0) == (tokens - after) * per_token
+    assert config.max_total_num_tokens * per_token + plugin.reserved_store_bytes(0) <= budget
+
+
+def test_pool_sizing_hook_passes_other_servers_through(published, registered, model_dir):
+    plain = build_server_args(model_dir, "--page-size", "4")
+    kvc = fake_configurator(plain, tp_rank=5)
+    per_token = compat.kv_bytes_per_token(kvc)
+    config = compat.KVCacheConfigurator.config_from_budget(kvc, 1 << 30)
+    assert config.max_total_num_tokens == (1 << 30) // per_token // 4 * 4
+    assert plugin.reserved_store_bytes(5) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The radix-cache factory
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_context(server_args, pool=None, **overrides):
+    """A TreeCacheBuildContext over a small CPU KV pool with the model's geometry."""
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+
+    if pool is None:
+        pool = compat.MHATokenToKVPool(size=64, page_size=1, dtype=torch.bfloat16, head_num=3, head_dim=64,
+                                       layer_num=30, device="cpu", enable_memory_saver=False,
+                                       enable_alt_stream=False)
+    allocator = TokenToKVPoolAllocator(size=64, dtype=torch.bfloat16, device="cpu", kvcache=pool, need_sort=False)
+    params = compat.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator,
+                                    page_size=1)
+    fields = dict(server_args=server_args, params=params, is_hybrid_swa=False, is_hybrid_ssm=False,
+                  enable_hierarchical_cache=False, disable_radix_cache=False, effective_chunked_prefill_size=None,
+                  tp_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=None)),
+                  model_config=server_args.model_config, tp_size=1, tp_rank=0, tp_group=None)
+    fields.update(overrides)
+    return compat.TreeCacheBuildContext(**fields)
+
+
+@pytest.fixture
+def kvtc_server_args(registered, model_dir, card_dir):
+    return build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir))
+
+
+def test_factory_is_reached_through_sglangs_routing(kvtc_server_args, monkeypatch):
+    from sglang.srt.mem_cache.registry import create_tree_cache
+
+    built = []
+
+    class FakeKVTCRadixCache:
+        @classmethod
+        def from_build_context(cls, ctx, options):
+            built.append((ctx, options))
+            return cls()
+
+    module = types.ModuleType("kvtc_sglang.cache.radix_cache")
+    module.KVTCRadixCache = FakeKVTCRadixCache
+    monkeypatch.setitem(sys.modules, "kvtc_sglang.cache.radix_cache", module)
+    ctx = build_context(kvtc_server_args)
+    cache = create_tree_cache(ctx)
+    assert isinstance(cache, FakeKVTCRadixCache)
+    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args))]
+    # No pool-sizing pass ran in this process: the budget is 0.25 of the pool as built.
+    pool_bytes = 65 * 30 * 3 * 64 * 2 * 2
+    assert plugin.store_budget_bytes(ctx, built[0][1]) == pool_bytes // 4
+    plugin.record_reserved_store_bytes(0, 12345)
+    try:
+        assert plugin.store_budget_bytes(ctx, built[0][1]) == 12345
+    finally:
+        plugin._RESERVED_STORE_BYTES.clear()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"is_hybrid_swa": True}, "sliding-window"),
+    ({"is_hybrid_ssm": True}, "Mamba"),
+    ({"is_dsa": True}, "DSA"),
+    ({"enable_hierarchical_cache": True}, "--enable-hierarchical-cache"),
+    ({"disable_radix_cache": True}, "radix cache is disabled"),
+])
+def test_factory_refuses_unsupported_models_and_caches(kvtc_server_args, override, message):
+    with pytest.raises(KVTCStartupError, match=message):
+        plugin.build_tree_cache(build_context(kvtc_server_args, **override))
+
+
+def test_factory_refuses_an_mla_pool(kvtc_server_args):
+    mla = compat.MLATokenToKVPool(size=64, page_size=1, dtype=torch.bfloat16, kv_lora_rank=32, qk_rope_head_dim=16,
+                                  layer_num=30, device="cpu", enable_memory_saver=False)
+    with pytest.raises(KVTCStartupError, match="MLA pool"):
+        plugin.build_tree_cache(build_context(kvtc_server_args, pool=mla))
+
+
+def test_factory_checks_the_card_against_the_live_pool_and_rope(kvtc_server_args):
+    card = check_build_context(build_context(kvtc_server_args), KVTCOptions.from_server_args(kvtc_server_args))
+    assert card.plan_key(16) == "16"
+    wide = compat.MHATokenToKVPool(size=64, page_size=1, dtype=torch.bfloat16, head_num=4, head_dim=64,
+                                   layer_num=30, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    with pytest.raises(CalibrationModelMismatch, match="num_kv_heads per TP rank is 3 in the card but 4"):
+        plugin.build_tree_cache(build_context(kvtc_server_args, pool=wide))
+    rotary = types.SimpleNamespace(base=100000.0, is_neox_style=False)
+    model = types.SimpleNamespace(modules=lambda: iter([object(), rotary]))
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model))
+    with pytest.raises(CalibrationModelMismatch, match="RoPE style is neox in the card but gptj"):
+        plugin.build_tree_cache(build_context(kvtc_server_args, tp_worker=worker))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sglang_compat
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_every_compat_symbol_resolves():
+    for name in compat._SYMBOLS:
+        assert getattr(compat, name) is not None, name
+    with pytest.raises(AttributeError):
+        compat.NotAnSGLangSymbol  # noqa: B018
+
+
+def test_version_check_accepts_0_5_17_only():
+    assert compat.check_sglang_version() == compat.SUPPORTED_SGLANG_VERSION
+    with pytest.raises(compat.SGLangVersionError, match=r"supports sglang==0\.5\.17 only, but found sglang 0\.5\.19"):
+        compat.check_sglang_version("0.5.19")
+
+
+def test_version_is_read_from_files_of_a_site_packages_folder(tmp_path):
+    assert compat.sglang_version_in(compat.installed_sglang_site_packages()) == compat.SUPPORTED_SGLANG_VERSION
+    (tmp_path / "sglang").mkdir()
+    assert compat.sglang_version_in(tmp_path) is None
+    (tmp_path / "sglang" / "_version.py").write_text(
+        "version: str\n__version__: str\n__version__ = version = '0.5.17'\n")
+    assert compat.sglang_version_in(tmp_path) == "0.5.17"
+
+
+def test_kvtc_backend_without_kv_compress_is_refused(registered, model_dir):
+    with pytest.raises(KVTCStartupError, match="use --kv-compress kvtc instead"):
+        build_server_args(model_dir, "--radix-cache-backend", "kvtc")
