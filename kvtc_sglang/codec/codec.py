@@ -91,12 +91,14 @@ class KVTCCodec:
             raise ShapeError(f"unsupported KV dtype {k.dtype}")
         return k.shape[0]
 
-    def encode(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, n_head: int = 0, n_tail: int = 0) -> torch.Tensor:
+    def encode(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, n_head: int = 0, n_tail: int = 0,
+               coded_view: torch.dtype | None = None) -> torch.Tensor:
         """Compress a run of tokens at positions [start_pos, start_pos + n).
 
         Args:
             k, v: [n, L, H, D] keys (post-RoPE, as the pool stores them) and values, pool dtype.
             n_head, n_tail: leading / trailing tokens stored exact.
+            coded_view: for uint8 (fp8-storage) rows, the fp8 dtype to read coded rows as.
         Returns:
             blob: 1-D uint8 tensor on the codec's device.
         """
@@ -111,12 +113,14 @@ class KVTCCodec:
             ex = torch.cat([torch.stack([k[:n_head], v[:n_head]], 1), torch.stack([k[n - n_tail :], v[n - n_tail :]], 1)])
             parts.append(ex.contiguous().view(torch.uint8).flatten())
         if m:
-            kc = k[n_head : n - n_tail].float() if k.dtype != torch.uint8 else None
-            if kc is None:
-                raise ShapeError("uint8 (fp8) runs must be dequantized by the caller before coding")
+            kc, vc = k[n_head : n - n_tail], v[n_head : n - n_tail]
+            if k.dtype == torch.uint8:
+                if coded_view is None:
+                    raise ShapeError("uint8 (fp8-storage) rows need coded_view, the fp8 dtype they hold")
+                kc, vc = kc.view(coded_view), vc.view(coded_view)
             pos = torch.arange(start_pos + n_head, start_pos + n_head + m, device=self.device)
-            kx = undo_rope(kc, pos, self.rope).reshape(m, self.p)
-            vx = v[n_head : n - n_tail].float().reshape(m, self.p)
+            kx = undo_rope(kc.float(), pos, self.rope).reshape(m, self.p)
+            vx = vc.float().reshape(m, self.p)
             parts.append(self.kinds["k"].encode(kx))
             parts.append(self.kinds["v"].encode(vx))
         payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device)
@@ -204,20 +208,27 @@ class KVTCCodec:
         esize = torch.empty(0, dtype=exact_dtype).element_size()
         ex_bytes = n_ex * 2 * self.p * esize
         exact = payload[:ex_bytes].view(exact_dtype).view(n_ex, 2, L, H, D) if n_ex else None
+        if exact is not None and exact_dtype != out_dtype:
+            if exact_dtype == torch.uint8:
+                if torch.empty(0, dtype=out_dtype).element_size() != 1:
+                    raise ShapeError(f"exact rows are fp8 bytes; cannot return them as {out_dtype}")
+                exact = exact.view(out_dtype)
+            else:
+                exact = exact.to(out_dtype)
         k = torch.empty(b - a, L, H, D, dtype=out_dtype, device=self.device)
         v = torch.empty_like(k)
         # token index t in the run -> exact row (head), coded row, or exact row (tail)
         m = h.n_coded
         head_lo, head_hi = a, min(b, h.n_head)
         if head_hi > head_lo:
-            k[: head_hi - head_lo] = exact[head_lo:head_hi, 0].to(out_dtype)
-            v[: head_hi - head_lo] = exact[head_lo:head_hi, 1].to(out_dtype)
+            k[: head_hi - head_lo] = exact[head_lo:head_hi, 0]
+            v[: head_hi - head_lo] = exact[head_lo:head_hi, 1]
         tail_start = h.n_head + m
         tail_lo, tail_hi = max(a, tail_start), b
         if tail_hi > tail_lo:
             rows = slice(h.n_head + tail_lo - tail_start, h.n_head + tail_hi - tail_start)
-            k[tail_lo - a :] = exact[rows, 0].to(out_dtype)
-            v[tail_lo - a :] = exact[rows, 1].to(out_dtype)
+            k[tail_lo - a :] = exact[rows, 0]
+            v[tail_lo - a :] = exact[rows, 1]
         c_lo, c_hi = max(a, h.n_head), min(b, tail_start)
         if c_hi > c_lo:
             ks = self.kinds["k"].section_bytes(m)
