@@ -128,6 +128,7 @@ _SYMBOLS: dict[str, str] = {
     "DecLockRefParams": "sglang.srt.mem_cache.base_prefix_cache",
     "DecLockRefResult": "sglang.srt.mem_cache.base_prefix_cache",
     "InitLoadBackParams": "sglang.srt.mem_cache.base_prefix_cache",
+    "split_node_hash_value": "sglang.srt.mem_cache.utils",
     # KV pools and allocators
     "KVCache": "sglang.srt.mem_cache.memory_pool",
     "MHATokenToKVPool": "sglang.srt.mem_cache.memory_pool",

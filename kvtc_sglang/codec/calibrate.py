@@ -147,11 +147,12 @@ class _Reservoir:
         return self.rows[: self.filled]
 
 
-def sensitivity_scales(fisher: torch.Tensor, floor: float) -> torch.Tensor:
-    """Feature scales from a diagonal Fisher vector [p]: sqrt(F) / RMS, clamped below at `floor`."""
-    s = fisher.double().clamp_min(0).sqrt()
-    rms = s.pow(2).mean().sqrt().clamp_min(1e-30)
-    return (s / rms).clamp_min(floor).float()
+def sensitivity_scales(fisher: dict[str, torch.Tensor], floor: float) -> dict[str, torch.Tensor]:
+    """Feature scales from diagonal Fisher vectors {"k": [p], "v": [p]}: sqrt(F) over the RMS of
+    both kinds together (so K and V keep their relative weight), clamped below at `floor`."""
+    s = {kind: f.double().clamp_min(0).sqrt() for kind, f in fisher.items()}
+    rms = torch.cat(list(s.values())).pow(2).mean().sqrt().clamp_min(1e-30)
+    return {kind: (x / rms).clamp_min(floor).float() for kind, x in s.items()}
 
 
 def calibrate(
@@ -180,7 +181,7 @@ def calibrate(
     blocks_geom = [(a, b, a * H * D, (b - a) * H * D) for a, b in parts]
     acc = {kind: [CovarianceAccumulator(pb) for _, _, _, pb in blocks_geom] for kind in KINDS}
     if sensitivity is not None:
-        scales = {kind: sensitivity_scales(sensitivity[kind], settings.scale_floor) for kind in KINDS}
+        scales = sensitivity_scales({kind: sensitivity[kind] for kind in KINDS}, settings.scale_floor)
         for kind in KINDS:
             if scales[kind].shape != (p,):
                 raise ShapeError(f"sensitivity for {kind} has shape {tuple(scales[kind].shape)}, expected [{p}]")

@@ -77,13 +77,13 @@ class BlockCoder:
             params[:, c.slots, 1] = scale
             q[:, c.coords] = quantize_groups(xs, shift, scale, c.bits)
         sym = pack_symbols(q, self.layout)
-        return torch.cat([params.view(torch.uint8).reshape(n, -1), sym], dim=1)
+        return torch.cat([params.reshape(-1).view(torch.uint8).reshape(n, -1), sym], dim=1)
 
     def coefficients(self, rec: torch.Tensor) -> torch.Tensor:
         """rec: [n, bytes_per_token] uint8 -> dequantized coefficients [n, r] float32."""
         n = rec.shape[0]
         pb = self.layout.param_bytes
-        params = rec[:, :pb].contiguous().view(torch.float16).reshape(n, self.layout.n_groups, 2)
+        params = rec[:, :pb].contiguous().view(-1).view(torch.float16).reshape(n, self.layout.n_groups, 2)
         if not bool(torch.isfinite(params).all()):
             raise BlobFormatError("non-finite quantization parameters in a blob")
         q = unpack_symbols(rec[:, pb:].contiguous(), self.layout)

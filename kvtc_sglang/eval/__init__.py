@@ -1,0 +1,1 @@
+"""Accuracy evaluation of compressed KV caches on a real model (perplexity, greedy agreement)."""
