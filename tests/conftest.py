@@ -21,3 +21,52 @@ def smollm2():
         return load_model()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+# --- CPU threads ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test with one intra-op thread: codec tests move small tensors, where a second thread only adds
+    synchronization, and on a shared 2-core box a descheduled OpenMP worker stalls every op (100x slowdowns)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- a quick real calibration of SmolLM2 (shared by every model-marked codec test) --------------------------------
+
+SMOLLM2_CALIBRATION = ["--tokens", "2048", "--seq-len", "512", "--ratios", "8", "32", "--layer-blocks", "3",
+                       "--dp-samples", "1024", "--weighting", "fisher", "--fisher-windows", "1", "--seed", "0", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_calibration(smollm2, tmp_path_factory):
+    """Directory of a SmolLM2 calibration artifact (card.json + tensors.pt), made once per session in a tmp dir.
+
+    4 windows of 512 tokens of the shipped default corpus, Fisher weighting from 1 window, 1024 DP samples,
+    ratios 8 and 32, and 3 feature blocks of 10 layers per kind: a model-wide basis (1 block) needs a float64
+    eigendecomposition of a 5760 x 5760 covariance per kind (about a minute each on a 2-core CPU), 3 blocks take
+    about a second each. Runs with one torch thread (about 30 s on a 2-core CPU).
+    """
+    import argparse
+
+    import torch
+
+    from kvtc_sglang.codec.calibrate_cli import add_arguments, default_corpus_paths, run_calibration
+
+    model, tokenizer = smollm2
+    out = tmp_path_factory.mktemp("smollm2-calibration")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the CLI's own defaults for every option not set here
+    args = parser.parse_args(["--out", str(out), *SMOLLM2_CALIBRATION])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (card,) = run_calibration(model, tokenizer, args, default_corpus_paths(), out)
+    finally:
+        torch.set_num_threads(threads)
+    return card.parent

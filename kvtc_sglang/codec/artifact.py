@@ -193,6 +193,9 @@ class CalibrationArtifact:
             torch.save(self.tensors(), f)
             tmp_t = f.name
         digest, size = _sha256_file(tmp_t), os.path.getsize(tmp_t)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_t, 0o666 & ~umask)  # NamedTemporaryFile creates 0600; give it a plain file's mode like card.json
         os.replace(tmp_t, out / TENSORS_NAME)
         card_tmp = out / (CARD_NAME + ".tmp")
         card_tmp.write_text(json.dumps(self.card(digest, size), indent=1) + "\n")

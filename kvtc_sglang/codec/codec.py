@@ -202,6 +202,8 @@ class KVTCCodec:
             raise ShapeError(f"token range [{a}, {b}) outside a run of {h.n_tokens} tokens")
         exact_dtype = blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]
         out_dtype = out_dtype or exact_dtype
+        if out_dtype == torch.uint8 and max(a, h.n_head) < min(b, h.n_tokens - h.n_tail):
+            raise ShapeError("coded rows of an fp8 (uint8-storage) blob need out_dtype=<the pool's fp8 dtype>")
         payload = self.payload(blob, h)
         L, H, D = self.shape
         n_ex = h.n_head + h.n_tail

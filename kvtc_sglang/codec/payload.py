@@ -83,7 +83,8 @@ class BlockCoder:
         """rec: [n, bytes_per_token] uint8 -> dequantized coefficients [n, r] float32."""
         n = rec.shape[0]
         pb = self.layout.param_bytes
-        params = rec[:, :pb].contiguous().view(-1).view(torch.float16).reshape(n, self.layout.n_groups, 2)
+        # clone, not contiguous(): a one-token record is already contiguous but may start at an odd byte offset
+        params = rec[:, :pb].clone(memory_format=torch.contiguous_format).view(-1).view(torch.float16).reshape(n, self.layout.n_groups, 2)
         if not bool(torch.isfinite(params).all()):
             raise BlobFormatError("non-finite quantization parameters in a blob")
         q = unpack_symbols(rec[:, pb:].contiguous(), self.layout)
