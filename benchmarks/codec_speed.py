@@ -252,6 +252,7 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
     b.add(op="encode", impl="triton", entropy="none", ms=ms, ratio=ratio, check="ok" if chk["ok"] else "FAILED", **common)
     ms = b.time_ms(lambda: tri.decode_payload_into(payload, header, kb, vb, dec_slots))
     b.add(op="decode", impl="triton", entropy="none", ms=ms, ratio=ratio, check="ok" if chk["ok"] else "FAILED", **common)
+    want = (kb[0][dec_slots].clone(), vb[-1][dec_slots].clone())  # blobs of every coder must decode to these rows
     if full and b.have_time(20):
         def layerwise():
             job = tri.begin_decode_payload(payload, header, dec_slots)
@@ -283,8 +284,12 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
             b.add(op="encode", impl="triton", entropy=name, ms=None, note=f"failed: {type(e).__name__}: {e}"[:200], **common)
             continue
         r = raw_bytes / blob.numel()
-        b.add(op="encode", impl="triton", entropy=name, ms=ms_e, ratio=r, **common)
-        b.add(op="decode", impl="triton", entropy=name, ms=ms_d, ratio=r, **common)
+        same = torch.equal(kb[0][dec_slots], want[0]) and torch.equal(vb[-1][dec_slots], want[1])
+        if not same:
+            log(f"  {name}: decoded rows differ from the payload decode")
+            b.meta.setdefault("checks", {})[f"{model['model']}:{ratio_key}:{name}"] = {"ok": False}
+        b.add(op="encode", impl="triton", entropy=name, ms=ms_e, ratio=r, check="ok" if same else "FAILED", **common)
+        b.add(op="decode", impl="triton", entropy=name, ms=ms_d, ratio=r, check="ok" if same else "FAILED", **common)
         del blob
     codec.coder = NoEntropy()
 

@@ -88,6 +88,8 @@ class CalibrationArtifact:
     window_tokens: int = 128
     calibration: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # encoder clip factor per kind and (group size, bits); absent = min/max (see quantize.py)
+    clip: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
 
     # ----- derived facts -----
     @property
@@ -144,8 +146,10 @@ class CalibrationArtifact:
                 "bits": [0, 2, 4, 8],
                 "overhead_bits_per_group": GROUP_OVERHEAD_BITS,
                 "group_alignment": 16,
-                "params": "float16 shift (group min) and scale ((max-min)/(2^b-1), rounded up)",
-                "int8": "uniform min/max, 256 levels",
+                "params": "float16 shift (range low end) and scale ((high-low)/(2^b-1), rounded up)",
+                "range": "group min/max, clipped to mean +- c*std where c = clip[kind]['SIZExBITS'] > 0",
+                "int8": "uniform, 256 levels, same rule",
+                "clip": {kind: {f"{s}x{b}": c for (s, b), c in sorted(self.clip.get(kind, {}).items())} for kind in KINDS},
             },
             "kinds": {
                 kind: {
@@ -266,6 +270,14 @@ def load_artifact(path: str | os.PathLike, tensors_path: str | os.PathLike | Non
             tuple(BitPlan.from_dict(d) for d in pd["k"]),
             tuple(BitPlan.from_dict(d) for d in pd["v"]),
         )
+    clip = {}
+    for kind, tab in card.get("quantizer", {}).get("clip", {}).items():
+        clip[kind] = {}
+        for key, c in tab.items():
+            size, bits = (int(x) for x in key.split("x"))
+            if not (c >= 0 and c < 1e6):
+                raise CalibrationMismatchError(f"invalid clip factor {c!r} for {kind} {key}")
+            clip[kind][(size, bits)] = float(c)
     known = {"format_version", "model", "tp_size", "tp_rank", "sink_tokens", "window_tokens", "p",
              "quantizer", "kinds", "plans", "artifact_id", "calibration", "tensors"}
     art = CalibrationArtifact(
@@ -273,6 +285,7 @@ def load_artifact(path: str | os.PathLike, tensors_path: str | os.PathLike | Non
         tp_rank=card.get("tp_rank", 0), sink_tokens=card.get("sink_tokens", 4),
         window_tokens=card.get("window_tokens", 128), calibration=card.get("calibration", {}),
         extra={k: v for k, v in card.items() if k not in known},
+        clip=clip,
     )
     for rp in plans.values():
         for kind in KINDS:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtc_sglang.codec.artifact import KINDS, CalibrationArtifact, FeatureBlock, RatioPlans
-from kvtc_sglang.codec.dp import budget_bits_for_ratio, measure_error_tables, solve
+from kvtc_sglang.codec.dp import budget_bits_for_ratio, fit_clip_factors, measure_error_tables, solve
 from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.pca import CovarianceAccumulator, fit_pca
 from kvtc_sglang.codec.plan import BitPlan
@@ -50,7 +50,8 @@ class CalibrationSettings:
     window_tokens: int = 128
     seed: int = 0
     joint_kv: bool = True  # with sensitivity weighting: one budget of 2B shared by K and V
-    scale_floor: float = 0.05  # feature scales are clamped below at this fraction of their RMS
+    scale_floor: float = 0.3  # feature scales are clamped below at this fraction of their RMS
+    clip: bool = True  # fit per-(size, bits) clip factors of the quantizer range (False: min/max)
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -210,14 +211,16 @@ def calibrate(
 
     blocks: dict[str, list[FeatureBlock]] = {}
     solutions: dict[str, list] = {}
+    clip_tables: dict[str, dict] = {}
     max_budget = budget_bits_for_ratio(p, min(settings.ratios))
     for kind in KINDS:
         blocks[kind], solutions[kind] = [], []
         sample = res[kind].sample()
-        for (la, lb, off, pb), a_ in tqdm(list(zip(blocks_geom, acc[kind])), desc=f"PCA + DP ({kind})", disable=not settings.progress, unit="block"):
-            basis = fit_pca(a_)
-            coeffs = basis.project(sample[:, off : off + pb])
-            tables = measure_error_tables(coeffs)
+        bases = [fit_pca(a_) for a_ in tqdm(acc[kind], desc=f"PCA ({kind})", disable=not settings.progress, unit="block")]
+        all_coeffs = [b.project(sample[:, off : off + pb]) for b, (_, _, off, pb) in zip(bases, blocks_geom)]
+        clip_tables[kind] = fit_clip_factors(all_coeffs) if settings.clip else {}
+        for (la, lb, off, pb), basis, coeffs in tqdm(list(zip(blocks_geom, bases, all_coeffs)), desc=f"DP ({kind})", disable=not settings.progress, unit="block"):
+            tables = measure_error_tables(coeffs, clip=clip_tables[kind])
             joint = sensitivity is not None and settings.joint_kv
             sol = solve(tables, min(max_budget * (2 if joint else 1), 8 * pb + 32 * pb), p=pb)
             solutions[kind].append(sol)
@@ -247,6 +250,7 @@ def calibrate(
         plans[int(ratio)] = RatioPlans(int(ratio), tuple(per_kind_plans[ratio]["k"]), tuple(per_kind_plans[ratio]["v"]))
 
     return CalibrationArtifact(
+        clip=clip_tables,
         model=dict(model_facts),
         blocks=blocks,
         plans=plans,

@@ -66,7 +66,8 @@ class KVTCCodec:
         self.shape = (artifact.num_layers, artifact.num_kv_heads, artifact.head_dim)
         self.p = artifact.p
         plans = artifact.plan(self.ratio)
-        self.kinds = {kind: KindCoder(artifact.blocks[kind], plans.for_kind(kind), self.p, self.device) for kind in ("k", "v")}
+        self.kinds = {kind: KindCoder(artifact.blocks[kind], plans.for_kind(kind), self.p, self.device, artifact.clip.get(kind))
+                      for kind in ("k", "v")}
         self.rope = RopeConfig.from_dict(artifact.model["rope"])
         self.coder = get_entropy_coder(entropy, self.device) if isinstance(entropy, str) else entropy
         self.chunk_bytes = int(chunk_bytes)

@@ -28,6 +28,40 @@ from kvtc_sglang.codec.quantize import fake_quantize
 
 DEFAULT_BITS = (2, 4, 8)
 ALIGN = 16
+CLIP_CANDIDATES = (0.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
+ClipTable = dict  # {(size, bits): clip factor}; missing entries mean 0 (min/max)
+
+
+def fit_clip_factors(
+    coeffs: torch.Tensor | list[torch.Tensor],
+    sizes: tuple[int, ...] = GROUP_SIZES,
+    bits: tuple[int, ...] = DEFAULT_BITS,
+    candidates: tuple[float, ...] = CLIP_CANDIDATES,
+    max_samples: int = 1024,
+) -> ClipTable:
+    """Per (group size, bits), the clip factor with the least quantization error on calibration data.
+
+    Args:
+        coeffs: [n, r] float32 coefficients, or a list of them (e.g. one per feature block) whose
+            errors are added up.
+    Error is summed over every aligned, non-overlapping group tiling [0, r), on up to max_samples
+    tokens. Size-1 groups are always min/max (their single value is stored in the shift).
+    """
+    blocks = coeffs if isinstance(coeffs, (list, tuple)) else [coeffs]
+    table: ClipTable = {}
+    for s in sizes:
+        tiles_list = []
+        for c_ in blocks:
+            x = c_[:max_samples].float()
+            k = x.shape[1] // s
+            if s > 1 and k:
+                tiles_list.append(x[:, : k * s].reshape(x.shape[0], k, s))
+        if not tiles_list:
+            continue
+        for b in bits:
+            errs = [sum(float(((t - fake_quantize(t, b, c)) ** 2).sum()) for t in tiles_list) for c in candidates]
+            table[(s, b)] = float(candidates[int(np.argmin(errs))])
+    return table
 
 
 def group_alignment(size: int, align: int = ALIGN) -> int:
@@ -61,11 +95,13 @@ def measure_error_tables(
     bits: tuple[int, ...] = DEFAULT_BITS,
     align: int = ALIGN,
     sample_chunk: int = 1024,
+    clip: ClipTable | None = None,
 ) -> ErrorTables:
     """Quantize calibration coefficients group by group and record the mean squared error.
 
     Args:
         coeffs: [n, r] float32 PCA coefficients (mean-centred features projected on the basis).
+        clip: clip factor per (size, bits) used by the encoder (default: min/max everywhere).
     """
     coeffs = coeffs.float()
     n, r = coeffs.shape
@@ -82,7 +118,8 @@ def measure_error_tables(
                 if k == 0:
                     continue
                 tiles = x[:, off : off + k * s].reshape(x.shape[0], k, s)
-                e = ((tiles - fake_quantize(tiles, b)) ** 2).sum(-1).double().sum(0).numpy()
+                c = (clip or {}).get((s, b), 0.0)
+                e = ((tiles - fake_quantize(tiles, b, c)) ** 2).sum(-1).double().sum(0).numpy()
                 acc[off : off + k * s : s] += e
         valid = np.zeros(r, dtype=bool)
         valid[0 : r - s + 1 : stride] = True

@@ -24,11 +24,13 @@ from kvtc_sglang.codec.quantize import dequantize_groups, group_params, quantize
 
 @dataclass
 class _SizeClass:
-    """All kept groups of one size: coordinate indices [G_s, s], bits [G_s], param slots [G_s]."""
+    """All kept groups of one size: coordinate indices [G_s, s], bits [G_s], param slots [G_s],
+    clip factors [G_s] float32 (0 = min/max)."""
 
     coords: torch.Tensor
     bits: torch.Tensor
     slots: torch.Tensor
+    clip: torch.Tensor
 
 
 @dataclass
@@ -47,7 +49,7 @@ class BlockCoder:
         return self.layout.bytes_per_token
 
     @classmethod
-    def build(cls, block: FeatureBlock, plan: BitPlan, device: torch.device) -> "BlockCoder":
+    def build(cls, block: FeatureBlock, plan: BitPlan, device: torch.device, clip: dict | None = None) -> "BlockCoder":
         r = plan.rank
         basis = block.basis[:, :r].to(dtype=torch.float32)
         scale = block.scale_or_ones()[:, None]
@@ -61,7 +63,8 @@ class BlockCoder:
             starts = torch.tensor([plan.groups[i].start for i in gis], dtype=torch.int64)
             coords = starts[:, None] + torch.arange(s)[None, :]
             bits = torch.tensor([plan.groups[i].bits for i in gis], dtype=torch.int64)
-            classes.append(_SizeClass(coords.to(device), bits.to(device), torch.tensor(gis, dtype=torch.int64, device=device)))
+            cl = torch.tensor([(clip or {}).get((s, plan.groups[i].bits), 0.0) for i in gis], dtype=torch.float32)
+            classes.append(_SizeClass(coords.to(device), bits.to(device), torch.tensor(gis, dtype=torch.int64, device=device), cl.to(device)))
         return cls(block.offset, block.p, block.mean.to(device, torch.float32), enc, dec, plan, plan.layout, classes)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +75,7 @@ class BlockCoder:
         q = torch.zeros(n, self.layout.rank, dtype=torch.uint8, device=x.device)
         for c in self.classes:
             xs = d[:, c.coords]  # [n, G_s, s]
-            shift, scale = group_params(xs, c.bits)
+            shift, scale = group_params(xs, c.bits, c.clip)
             params[:, c.slots, 0] = shift
             params[:, c.slots, 1] = scale
             q[:, c.coords] = quantize_groups(xs, shift, scale, c.bits)
@@ -101,7 +104,8 @@ class BlockCoder:
 class KindCoder:
     """All blocks of one kind (K or V) for one plan; features [n, p] <-> section bytes."""
 
-    def __init__(self, blocks: list[FeatureBlock], plans: tuple[BitPlan, ...], p: int, device: torch.device):
+    def __init__(self, blocks: list[FeatureBlock], plans: tuple[BitPlan, ...], p: int, device: torch.device,
+                 clip: dict | None = None):
         if len(blocks) != len(plans):
             raise ShapeError(f"{len(blocks)} feature blocks but {len(plans)} plans")
         self.p = p
@@ -112,7 +116,7 @@ class KindCoder:
             pos += b.p
         if pos != p:
             raise ShapeError(f"feature blocks cover {pos} of {p} features")
-        self.blocks = [BlockCoder.build(b, pl, device) for b, pl in zip(blocks, plans)]
+        self.blocks = [BlockCoder.build(b, pl, device, clip) for b, pl in zip(blocks, plans)]
         self.bytes_per_token = sum(b.bytes_per_token for b in self.blocks)
 
     def section_bytes(self, n: int) -> int:

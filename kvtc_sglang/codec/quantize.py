@@ -1,16 +1,25 @@
-"""Uniform asymmetric min/max quantization with a 16-bit shift and scale per token per group.
+"""Uniform asymmetric quantization with a 16-bit shift and scale per token per group.
 
 The PyTorch reference of the codec's quantizer; Triton kernels implement the same arithmetic.
 
-For a group of values x (one token, one group of PCA coefficients) and b bits:
-    shift = fp16(min(x))
-    scale = fp16((max(x) - shift) / (2**b - 1)), rounded up to the next fp16 value if rounding to
-            nearest fell below the exact quotient, so that max(x) stays inside the code range
+For a group of values x (one token, one group of PCA coefficients), b bits and a clip factor c:
+    lo    = min(x)                                  (c = 0: plain min/max, DESIGN §2)
+    hi    = max(x)
+    lo    = max(lo, mean(x) - c * std(x))           (c > 0: the range is clipped to c standard
+    hi    = min(hi, mean(x) + c * std(x))            deviations around the group mean)
+    shift = fp16(lo)
+    scale = fp16((hi - shift) / (2**b - 1)), rounded up to the next fp16 value if rounding to
+            nearest fell below the exact quotient, so that hi stays inside the code range
     q     = clamp(round((x - shift) / scale), 0, 2**b - 1)            (q = 0 when scale == 0)
     x_hat = q * scale + shift                                          (fp32 arithmetic)
 
-The 8-bit type uses the same uniform min/max rule as int2/int4 (256 levels), so every kept group
-is described by one (shift, scale) pair regardless of its width.
+Decoding depends only on (shift, scale, q): the clip factor is an encoder choice. Min/max wastes
+most of a coarse quantizer's levels on a group's two extremes (a 2-bit min/max step over 256
+Gaussian values is ~1.9 sigma; the MSE-optimal uniform step is ~1.0 sigma), so calibration picks, per
+(group size, bits), the clip factor that minimizes the measured error (see dp.fit_clip_factors).
+
+The 8-bit type uses the same uniform rule as int2/int4 (256 levels), so every kept group is
+described by one (shift, scale) pair regardless of its width.
 """
 
 from __future__ import annotations
@@ -47,18 +56,27 @@ def round_up_fp16(x: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def group_params(x: torch.Tensor, bits) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(x: torch.Tensor, bits, clip=0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift and scale of each group.
 
     Args:
         x: [..., s] float32, the last dim is one group.
         bits: 2, 4 or 8, or an int tensor broadcastable to x.shape[:-1].
+        clip: clip factor c (0 = min/max), a float or a float tensor broadcastable to x.shape[:-1].
     Returns:
         (shift, scale): each [...] float16.
     """
     _check_bits(bits)
     lo = x.amin(dim=-1)
     hi = x.amax(dim=-1)
+    if isinstance(clip, torch.Tensor) or clip > 0:
+        mean = x.mean(dim=-1)
+        std = x.std(dim=-1, correction=0)
+        c = (clip if isinstance(clip, torch.Tensor) else torch.tensor(float(clip))).to(x.device, torch.float32)
+        c = c.expand_as(mean)
+        on = c > 0
+        lo = torch.where(on, torch.maximum(lo, mean - c * std), lo)
+        hi = torch.where(on, torch.minimum(hi, mean + c * std), hi)
     shift = lo.to(torch.float16)
     # fp16 rounding of the shift may land above the true minimum; the clamp below absorbs it.
     span = (hi - shift.float()).clamp_min(0.0)
@@ -90,9 +108,9 @@ def dequantize_groups(q: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor)
     return q.float() * scale.float().unsqueeze(-1) + shift.float().unsqueeze(-1)
 
 
-def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, bits: int, clip: float = 0.0) -> torch.Tensor:
     """quantize then dequantize each group of x ([..., s] float32); bits == 0 drops the group (zeros)."""
     if bits == 0:
         return torch.zeros_like(x)
-    shift, scale = group_params(x, bits)
+    shift, scale = group_params(x, bits, clip)
     return dequantize_groups(quantize_groups(x, shift, scale, bits), shift, scale)

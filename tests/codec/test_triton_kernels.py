@@ -1,7 +1,9 @@
 """Triton codec kernels vs their PyTorch references, and TritonPoolCodec vs the reference PoolCodec.
 
-Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 is set before the kernel
-modules are imported) at small shapes. Cases marked `gpu` run the compiled kernels on a CUDA device,
+Without CUDA the kernels run in Triton's CPU interpreter at small shapes: TRITON_INTERPRET=1 is set
+before Triton is imported, or, when an earlier test module already imported Triton, the CPU cases run
+in an interpreter subprocess (test_interpreter_cases_in_a_subprocess), so plain `pytest` always runs
+them. Cases marked `gpu` run the compiled kernels on a CUDA device,
 at small odd shapes and at real model shapes (Llama-3.1-8B and SmolLM2-135M KV layouts); without a
 GPU they are skipped, never passed.
 
@@ -23,6 +25,7 @@ import sys
 import torch
 
 _CUDA = torch.cuda.is_available()
+_ENV_BEFORE = os.environ.get("TRITON_INTERPRET")
 if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -41,6 +44,11 @@ _IN_PROCESS = _CUDA or isinstance(triton.language.zeros, InterpretedFunction)
 if not _CUDA and _IN_PROCESS and not isinstance(rows._gather_exact_kernel, InterpretedFunction):
     for _m in (jitlib, rows, quant, gemm, pool_codec):  # kernel modules imported before the switch
         importlib.reload(_m)
+if not _IN_PROCESS:  # leave this process's Triton as it was
+    if _ENV_BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
 
 from kvtc_sglang.codec.bitpack import unpack_symbols  # noqa: E402
 from kvtc_sglang.codec.calibrate import layer_partition  # noqa: E402

@@ -39,6 +39,13 @@ def kernels_usable(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" or interpreting()
 
 
+def require_kernels(device: torch.device) -> None:
+    """Raise ShapeError when Triton kernels cannot run on `device` (CPU without the interpreter)."""
+    if not kernels_usable(device):
+        raise ShapeError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing triton), got "
+                         f"{device}; pass reference=True or set KVTC_REFERENCE=1 for the PyTorch route")
+
+
 def check_tensor(name: str, t: torch.Tensor, *, dtype=None, dim: int | None = None, device=None,
                  contiguous: bool = False) -> None:
     """Raise ShapeError naming `name` when t is not a tensor of the expected dtype/rank/device."""

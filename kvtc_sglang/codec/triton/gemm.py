@@ -18,7 +18,14 @@ import triton.language as tl
 
 from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.triton import reference as ref
-from kvtc_sglang.codec.triton.common import PoolView, check_tensor, interpreting, pow2_factor, use_reference
+from kvtc_sglang.codec.triton.common import (
+    PoolView,
+    check_tensor,
+    interpreting,
+    pow2_factor,
+    require_kernels,
+    use_reference,
+)
 from kvtc_sglang.codec.triton.jitlib import dims_of_pair, f32_to_store, layer_base, mma
 from kvtc_sglang.codec.triton.tables import BlockTables, RopeTables
 
@@ -136,6 +143,7 @@ def project(a: torch.Tensor, tables: BlockTables, out: torch.Tensor, n_rows: int
                          f"r_enc = {tables.r_enc}")
     if use_reference(reference):
         return ref.project(a, tables, out, n_rows)
+    require_kernels(a.device)
     if n_rows <= 0:
         return
     cfg = project_config(tables.r_enc)
@@ -191,6 +199,7 @@ def reconstruct(coeffs: torch.Tensor, tables: BlockTables, rope: RopeTables | No
         raise ShapeError("keys need forward RoPE tables of shape [n_rows, D/2]")
     if use_reference(reference):
         return ref.reconstruct(coeffs, tables, rope, pool, kind, slots, idx0, n_rows, layers)
+    require_kernels(coeffs.device)
     if n_rows <= 0:
         return
     cfg = reconstruct_config(rope is not None)

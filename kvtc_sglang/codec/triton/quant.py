@@ -22,7 +22,14 @@ import triton.language as tl
 
 from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.triton import reference as ref
-from kvtc_sglang.codec.triton.common import check_tensor, interpreting, next_pow2, use_reference, value_code
+from kvtc_sglang.codec.triton.common import (
+    check_tensor,
+    interpreting,
+    next_pow2,
+    require_kernels,
+    use_reference,
+    value_code,
+)
 from kvtc_sglang.codec.triton.jitlib import f32_to_store, rint
 from kvtc_sglang.codec.triton.tables import BlockTables
 
@@ -162,6 +169,7 @@ def group_params(coeffs: torch.Tensor, tables: BlockTables, section: torch.Tenso
         raise ShapeError(f"params {tuple(params.shape)} must be [2, {tables.n_groups}, >= {n_rows}]")
     if use_reference(reference):
         return ref.group_params(coeffs, tables, section, m_total, row0, n_rows, params)
+    require_kernels(coeffs.device)
     if n_rows <= 0:
         return
     for cl in tables.classes:
@@ -185,6 +193,7 @@ def pack(coeffs: torch.Tensor, tables: BlockTables, params: torch.Tensor, sectio
     check_tensor("params", params, dtype=torch.float32, dim=3, device=tables.mean.device, contiguous=True)
     if use_reference(reference):
         return ref.pack(coeffs, tables, params, section, m_total, row0, n_rows)
+    require_kernels(coeffs.device)
     if n_rows <= 0 or tables.sym_bytes == 0:
         return
     bt, bj = (64, 64) if interpreting() else (64, 32)
@@ -207,6 +216,7 @@ def unpack_dequantize(section: torch.Tensor, tables: BlockTables, m_total: int, 
     _check_coeffs("coefficients", out, tables, n_rows, tables.rank, (torch.float32, torch.float16))
     if use_reference(reference):
         return ref.unpack_dequantize(section, tables, m_total, row0, n_rows, out)
+    require_kernels(out.device)
     if out.shape[1] % 64 or out.shape[1] > tables.r_dec:
         raise ShapeError(f"coefficient buffer width {out.shape[1]} must be a multiple of 64 and <= {tables.r_dec}")
     bt, bc = (64, 64) if interpreting() else (32, 64)

@@ -22,6 +22,7 @@ from kvtc_sglang.codec.triton.common import (
     interpreting,
     next_pow2,
     pow2_factor,
+    require_kernels,
     use_reference,
     value_code,
 )
@@ -120,6 +121,7 @@ def gather_exact(pool: PoolView, slots: torch.Tensor, idx0: int, n_rows: int, ou
         raise ShapeError(f"exact rows {tuple(out.shape)} / slots {slots.numel()} do not fit rows [{row0}, {row0 + n_rows})")
     if use_reference(reference):
         return ref.gather_exact(pool, slots, idx0, n_rows, out, row0)
+    require_kernels(out.device)
     hd = pool.row_elems
     _gather_exact_kernel[(n_rows, 2 * pool.n_layers)](
         pool.base, pool.offsets, slots, idx0, out, row0, pool.n_layers, HD=hd, BLOCK=_exact_block(hd),
@@ -150,6 +152,7 @@ def scatter_exact(exact: torch.Tensor, row0: int, n_rows: int, pool: PoolView, s
         raise ShapeError(f"exact rows are fp8 bytes; cannot write them into a {pool.store_dtype} pool")
     if use_reference(reference):
         return ref.scatter_exact(exact, row0, n_rows, pool, slots, idx0, layers)
+    require_kernels(exact.device)
     hd = pool.row_elems
     src = value_code(exact.dtype, pool.kv_dtype)
     dst = pool.value_code
@@ -187,6 +190,7 @@ def gather_features(pool: PoolView, kind: int, slots: torch.Tensor, idx0: int, n
         raise ShapeError("keys need inverse RoPE tables of shape [n_rows, D/2]")
     if use_reference(reference):
         return ref.gather_features(pool, kind, slots, idx0, n_rows, rope, mean, out)
+    require_kernels(out.device)
     bc = feature_tile(hd)
     bt = 64 if interpreting() else max(1, 4096 // bc)
     grid = (triton.cdiv(out.shape[0], bt), p // bc)
