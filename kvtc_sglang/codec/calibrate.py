@@ -52,6 +52,9 @@ class CalibrationSettings:
     joint_kv: bool = True  # with sensitivity weighting: one budget of 2B shared by K and V
     scale_floor: float = 0.3  # feature scales are clamped below at this fraction of their RMS
     clip: bool = True  # fit per-(size, bits) clip factors of the quantizer range (False: min/max)
+    # Every dp_holdout-th window feeds only the DP sample, never the covariance, so the DP sees the
+    # basis's error on tokens it was not fitted to (0: the DP samples from every window).
+    dp_holdout: int = 0
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -191,7 +194,8 @@ def calibrate(
     res = {kind: _Reservoir(settings.dp_samples, settings.seed + i) for i, kind in enumerate(KINDS)}
     windows = list(windows)
     n_tokens = 0
-    for ids in tqdm(windows, desc="calibration prefill", disable=not settings.progress, unit="win"):
+    for wi, ids in enumerate(tqdm(windows, desc="calibration prefill", disable=not settings.progress, unit="win")):
+        held_out = settings.dp_holdout > 0 and wi % settings.dp_holdout == settings.dp_holdout - 1
         k, v = kv_source(ids)
         if head_slice is not None:
             k, v = k[:, :, head_slice], v[:, :, head_slice]
@@ -203,9 +207,11 @@ def calibrate(
         kx = undo_rope(k.float(), pos, rope)[keep].reshape(-1, p).cpu()
         vx = v.float()[keep].reshape(-1, p).cpu()
         for kind, x in (("k", kx * scales["k"]), ("v", vx * scales["v"])):
-            for a_, (_, _, off, pb) in zip(acc[kind], blocks_geom):
-                a_.update(x[:, off : off + pb])
-            res[kind].add(x)
+            if not held_out:
+                for a_, (_, _, off, pb) in zip(acc[kind], blocks_geom):
+                    a_.update(x[:, off : off + pb])
+            if held_out or settings.dp_holdout == 0:
+                res[kind].add(x)
         n_tokens += x.shape[0]
     t_prefill = time.time() - t0
 
@@ -261,6 +267,7 @@ def calibrate(
             "seq_len": settings.seq_len,
             "tokens": n_tokens,
             "dp_samples": min(settings.dp_samples, n_tokens),
+            "dp_holdout": settings.dp_holdout,
             "layer_blocks": settings.layer_blocks,
             "weighting": "fisher" if sensitivity is not None else "none",
             "joint_kv_budget": joint,

@@ -9,9 +9,12 @@ read the rows [row0, row0 + n_rows) of it, so long runs can be coded in token ch
     pack               coefficients + params -> symbol planes (fields OR-ed into bytes, PlanLayout order)
     unpack_dequantize  section -> coefficients [m_pad, r_pad] (dropped coordinates 0)
 
-The arithmetic is the reference's (`kvtc_sglang.codec.quantize`): fp16 shift = round(min), scale =
-fp16 of (max - shift) / (2^b - 1) rounded up, q = clamp(round_half_even((x - shift) / scale)), IEEE
-division, so the bytes equal the reference's for equal coefficients.
+The arithmetic is the reference's (`kvtc_sglang.codec.quantize`): the range [lo, hi] is the group's
+min/max, clipped to mean +- c * std when the group's clip factor c > 0; fp16 shift = round(lo), scale
+= fp16 of (hi - shift) / (2^b - 1) rounded up, q = clamp(round_half_even((x - shift) / scale)), IEEE
+division. Bytes equal the reference's for equal coefficients, except that the clipped range's mean and
+standard deviation are accumulated in one pass (sum and sum of squares) where the reference makes two,
+which can move a clipped range by an ulp.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from kvtc_sglang.codec.triton.tables import BlockTables
 
 
 @triton.jit(do_not_specialize=["n_groups", "size", "n_slots", "n_rows"])
-def _group_params_kernel(c_ptr, stride_c, start_ptr, bits_ptr, slot_ptr, n_groups, size, n_slots,
+def _group_params_kernel(c_ptr, stride_c, start_ptr, bits_ptr, slot_ptr, clip_ptr, n_groups, size, n_slots,
                          sec_ptr, m_total, row0, n_rows, par_ptr, stride_par,
-                         BT: tl.constexpr, GP: tl.constexpr, CH: tl.constexpr):
+                         BT: tl.constexpr, GP: tl.constexpr, CH: tl.constexpr, CLIP: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_g = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)
@@ -49,6 +52,8 @@ def _group_params_kernel(c_ptr, stride_c, start_ptr, bits_ptr, slot_ptr, n_group
     slot = tl.load(slot_ptr + g, mask=gmask, other=0)
     lo = tl.full((BT, GP), float("inf"), tl.float32)
     hi = tl.full((BT, GP), float("-inf"), tl.float32)
+    s1 = tl.zeros((BT, GP), tl.float32)
+    s2 = tl.zeros((BT, GP), tl.float32)
     row_ptr = c_ptr + t.to(tl.int64)[:, None, None] * stride_c
     m2 = tmask[:, None] & gmask[None, :]
     for c0 in range(0, size, CH):
@@ -57,6 +62,16 @@ def _group_params_kernel(c_ptr, stride_c, start_ptr, bits_ptr, slot_ptr, n_group
         x = tl.load(row_ptr + (start[:, None] + cc[None, :])[None, :, :], mask=m3, other=0.0)
         lo = tl.minimum(lo, tl.min(tl.where(m3, x, float("inf")), axis=2))
         hi = tl.maximum(hi, tl.max(tl.where(m3, x, float("-inf")), axis=2))
+        if CLIP:
+            s1 += tl.sum(x, axis=2)
+            s2 += tl.sum(x * x, axis=2)
+    if CLIP:
+        c = tl.load(clip_ptr + g, mask=gmask, other=0.0)[None, :]
+        mean = s1 / size
+        std = tl.sqrt(tl.maximum(s2 / size - mean * mean, 0.0))
+        on = c > 0
+        lo = tl.where(on, tl.maximum(lo, mean - c * std), lo)
+        hi = tl.where(on, tl.minimum(hi, mean + c * std), hi)
     shift16 = lo.to(tl.float16)
     shift = shift16.to(tl.float32)
     span = tl.maximum(hi - shift, 0.0)
@@ -178,8 +193,9 @@ def group_params(coeffs: torch.Tensor, tables: BlockTables, section: torch.Tenso
         bt = 64 if interpreting() else 32
         grid = (triton.cdiv(n_rows, bt), triton.cdiv(cl.count, gp))
         _group_params_kernel[grid](
-            coeffs, coeffs.stride(0), cl.start, cl.bits, cl.slot, cl.count, cl.size, tables.n_groups,
-            section, m_total, row0, n_rows, params, params.stride(1), BT=bt, GP=gp, CH=ch)
+            coeffs, coeffs.stride(0), cl.start, cl.bits, cl.slot, cl.clip, cl.count, cl.size, tables.n_groups,
+            section, m_total, row0, n_rows, params, params.stride(1), BT=bt, GP=gp, CH=ch,
+            CLIP=cl.clipped)
 
 
 def pack(coeffs: torch.Tensor, tables: BlockTables, params: torch.Tensor, section: torch.Tensor, m_total: int,

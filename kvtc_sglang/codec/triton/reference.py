@@ -68,7 +68,7 @@ def group_params(coeffs, tables: BlockTables, section, m_total, row0, n_rows, pa
     d = coeffs[:n_rows, : tables.rank].float()
     planes = _planes(section, tables, m_total)
     for c in tables.coder.classes:
-        shift, scale = _group_params(d[:, c.coords], c.bits)
+        shift, scale = _group_params(d[:, c.coords], c.bits, c.clip)
         params[0, c.slots, :n_rows] = shift.float().T
         params[1, c.slots, :n_rows] = scale.float().T
         raw = torch.stack([shift, scale], dim=-1).contiguous().view(torch.uint8).reshape(n_rows, -1)

@@ -70,14 +70,19 @@ def random_plan(p: int, rank: int, rng: random.Random, ratio_key: int = 1) -> Bi
     return BitPlan(tuple(groups), p, float(ratio_key))
 
 
+# Clip factors like the ones calibration fits (2-bit groups clipped hardest, 8-bit left min/max).
+TYPICAL_CLIP = {(1 << i, b): c for i in range(1, 11) for b, c in ((2, 1.5), (4, 2.5))}
+
+
 def synthetic_artifact(num_layers: int, num_kv_heads: int, head_dim: int, plans: dict[int, list[tuple]],
                        *, n_blocks: int = 1, rope: RopeConfig | None = None, feature_scale: bool = True,
-                       seed: int = 0, device: str | torch.device = "cpu") -> CalibrationArtifact:
+                       seed: int = 0, device: str | torch.device = "cpu", clip: dict | None = TYPICAL_CLIP) -> CalibrationArtifact:
     """An artifact whose blocks have random orthonormal bases (computed on `device`, stored fp16 on CPU).
 
     Args:
         plans: {ratio_key: [(k_plan_b, v_plan_b) for each block b]} (BitPlans over each block's p_b).
         feature_scale: draw per-feature scales in [0.5, 2] (else no scale, i.e. ones).
+        clip: encoder clip factors per (size, bits), used for both kinds (None: min/max).
     """
     rope = rope or RopeConfig(head_dim=head_dim, rotary_dim=head_dim, theta=500000.0, style="neox")
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -101,7 +106,8 @@ def synthetic_artifact(num_layers: int, num_kv_heads: int, head_dim: int, plans:
         "num_layers": num_layers, "num_kv_heads": num_kv_heads, "num_kv_heads_per_rank": num_kv_heads,
         "head_dim": head_dim, "rope": rope.to_dict(),
     }
-    return CalibrationArtifact(model=model, blocks=blocks, plans=ratio_plans)
+    clip_tables = {kind: dict(clip) for kind in ("k", "v")} if clip else {}
+    return CalibrationArtifact(model=model, blocks=blocks, plans=ratio_plans, clip=clip_tables)
 
 
 def synthetic_kv(art: CalibrationArtifact, n: int, start_pos: int, *, dtype: torch.dtype = torch.bfloat16,

@@ -29,13 +29,16 @@ DEC_PAD = 64  # rank padding of the reconstruction (the decode GEMM's K step)
 
 @dataclass
 class SizeClass:
-    """Kept groups of one size: first coordinate, bits and param slot of each, int32 [count]."""
+    """Kept groups of one size: first coordinate, bits and param slot of each, int32 [count]; the
+    encoder's clip factor of each, float32 [count] (0 = min/max range)."""
 
     size: int
     count: int
     start: torch.Tensor
     bits: torch.Tensor
     slot: torch.Tensor
+    clip: torch.Tensor
+    clipped: bool  # any clip factor > 0 (a launch-time constant, known at plan time)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class BlockTables:
         by_size: dict[int, list[int]] = {}
         for gi, g in enumerate(coder.plan.groups):
             by_size.setdefault(g.size, []).append(gi)
+        clip_of_size = {c.coords.shape[1]: c.clip for c in coder.classes}
         for s, gis in sorted(by_size.items()):
             gs = [coder.plan.groups[i] for i in gis]
             classes.append(SizeClass(
@@ -90,6 +94,8 @@ class BlockTables:
                 torch.tensor([g.start for g in gs], **i32),
                 torch.tensor([g.bits for g in gs], **i32),
                 torch.tensor(gis, **i32),
+                clip_of_size[s].to(device=dev, dtype=torch.float32).contiguous(),
+                bool((clip_of_size[s] > 0).any()),
             ))
         bits = torch.zeros(r_dec, dtype=torch.int64)
         plane = torch.zeros(r_dec, dtype=torch.int64)
