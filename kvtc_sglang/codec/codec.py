@@ -63,6 +63,8 @@ class KVTCCodec:
         self.artifact = artifact
         self.ratio = int(ratio)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.shape = (artifact.num_layers, artifact.num_kv_heads, artifact.head_dim)
         self.p = artifact.p
         plans = artifact.plan(self.ratio)

@@ -96,9 +96,10 @@ class NvcompCoder:
     def _batch(self, tensors: Sequence[torch.Tensor], handle: int):
         return self._nv.as_arrays(list(tensors), cuda_stream=handle)
 
-    @staticmethod
-    def _as_bytes(array) -> torch.Tensor:
-        t = torch.from_dlpack(array)
+    def _as_bytes(self, array) -> torch.Tensor:
+        """A torch view of an nvCOMP output array (through __cuda_array_interface__; the view keeps
+        `array` alive). Callers copy it into torch-owned memory before `array` goes away."""
+        t = torch.as_tensor(array, device=self.device)
         if t.dtype != torch.uint8:
             t = t.view(torch.uint8)
         return t.reshape(-1)
