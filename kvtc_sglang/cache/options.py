@@ -26,6 +26,8 @@ SERVER_ARGS_ATTRS = {
     "window_tokens": "kvtc_window_tokens",
     "entropy": "kvtc_entropy",
     "min_compress_tokens": "kvtc_min_compress_tokens",
+    "capture_dir": "kvtc_capture_dir",
+    "capture_tokens": "kvtc_capture_tokens",
 }
 
 _UNITS = {
@@ -109,10 +111,14 @@ class KVTCOptions:
         entropy: lossless stage after quantization: "auto" (GPU DEFLATE when nvCOMP is available, else none),
             "deflate", "gdeflate", "ans" or "none".
         min_compress_tokens: smallest run of compressible tokens (after removing sink and window tokens) worth
-            turning into a blob. Default 256: twice the default window and a multiple of every supported page size;
-            a 256-token Llama-3.1-8B run is 32 MiB of bf16 KV, large enough that the per-blob costs (header and
-            checksum, per-group shift/scale setup, one kernel launch per stage and layer group) stay small next to the
-            bytes saved and the restore stays cheaper than recomputing the run. Shorter runs are evicted as usual.
+            turning into a blob; shorter runs are evicted as usual. Default 32: a multi-turn chat adds one radix node
+            per turn, often only a few hundred tokens of which the last window_tokens stay exact, and a larger minimum
+            turns most of those nodes into plain evictions (measured with benchmarks/cpu_multiturn.py: a minimum of
+            256 compressed 3 of 36 turns and halved the prefix hit rate).
+        capture_dir: calibration capture mode: instead of compressing, the cache writes the K/V rows of every
+            finished request (up to ``capture_tokens`` tokens per TP rank) to this directory, for
+            ``kvtc-sglang calibrate --kv-dumps <dir>``; no calibration artifact is needed in this mode.
+        capture_tokens: tokens to capture per TP rank in capture mode.
     """
 
     kv_compress: str = "none"
@@ -123,11 +129,18 @@ class KVTCOptions:
     sink_tokens: int = 4
     window_tokens: int = 128
     entropy: str = "auto"
-    min_compress_tokens: int = 256
+    min_compress_tokens: int = 32
+    capture_dir: str | None = None
+    capture_tokens: int = 65536
 
     @property
     def enabled(self) -> bool:
         return self.kv_compress == "kvtc"
+
+    @property
+    def capturing(self) -> bool:
+        """Calibration capture mode (no compression; K/V rows of finished requests are written to capture_dir)."""
+        return self.enabled and self.capture_dir is not None
 
     @classmethod
     def from_server_args(cls, server_args: Any) -> "KVTCOptions":
@@ -174,7 +187,8 @@ class KVTCOptions:
             raise ValueError(f"--kvtc-ratio must be a positive number (a plan of the calibration card), "
                              f"got {self.ratio!r}")
         for name, flag, low in (("sink_tokens", "--kvtc-sink-tokens", 0), ("window_tokens", "--kvtc-window-tokens", 0),
-                                ("min_compress_tokens", "--kvtc-min-compress-tokens", 1)):
+                                ("min_compress_tokens", "--kvtc-min-compress-tokens", 1),
+                                ("capture_tokens", "--kvtc-capture-tokens", 1)):
             value = getattr(self, name)
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -188,6 +202,8 @@ class KVTCOptions:
         parse_bytes(self.host_spill, what="--kvtc-host-spill", allow_fraction=False)
         if self.calibration is not None and not self.calibration.strip():
             raise ValueError("--kvtc-calibration must be a path, got an empty string")
+        if self.capture_dir is not None and not self.capture_dir.strip():
+            raise ValueError("--kvtc-capture-dir must be a path, got an empty string")
         return self
 
 
@@ -197,7 +213,7 @@ def _coerce(name: str, value: Any) -> Any:
             if not isinstance(value, str):
                 raise TypeError
             return value.strip().lower()
-        if name == "calibration":
+        if name in ("calibration", "capture_dir"):
             return None if value is None else str(value)
         if name == "ratio":
             if isinstance(value, bool):

@@ -85,6 +85,10 @@ def build_tree_cache(ctx: Any) -> Any:
     """
     options = KVTCOptions.from_server_args(ctx.server_args)
     card = check_build_context(ctx, options)
+    if options.capturing:
+        from kvtc_sglang.cache.capture import KVCaptureRadixCache
+
+        return KVCaptureRadixCache.from_build_context(ctx, options)
     logger.info("KVTC: TP rank %d uses calibration card %s, plan %s; %s bytes reserved for the compressed store",
                 ctx.tp_rank, card.path, card.plan_key(options.ratio), reserved_store_bytes(ctx.tp_rank))
     from kvtc_sglang.cache.radix_cache import KVTCRadixCache
@@ -123,11 +127,16 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kvtc-window-tokens", type=int, default=d.window_tokens, metavar="N",
                        help="Most recent tokens of a cached sequence kept exact (default 128).")
     group.add_argument("--kvtc-entropy", type=str, choices=ENTROPY_CHOICES, default=d.entropy,
-                       help="Lossless stage after quantization: 'auto' (default: GPU DEFLATE when nvCOMP is "
-                            "installed, else none), 'deflate', 'gdeflate', 'ans' or 'none'.")
+                       help="Lossless stage after quantization: 'auto' (default: none on GPU, where it costs more "
+                            "time than it saves memory; DEFLATE on CPU), 'deflate', 'gdeflate', 'ans' or 'none'.")
     group.add_argument("--kvtc-min-compress-tokens", type=int, default=d.min_compress_tokens, metavar="N",
-                       help="Smallest run of compressible tokens turned into a blob; shorter runs are evicted "
-                            "(default 256).")
+                       help=f"Smallest run of compressible tokens turned into a blob; shorter runs are evicted "
+                            f"(default {d.min_compress_tokens}).")
+    group.add_argument("--kvtc-capture-dir", type=str, default=d.capture_dir, metavar="DIR",
+                       help="Calibration capture mode: write the K/V rows of finished requests to DIR (no "
+                            "compression, no calibration needed), then run `kvtc-sglang calibrate --kv-dumps DIR`.")
+    group.add_argument("--kvtc-capture-tokens", type=int, default=d.capture_tokens, metavar="N",
+                       help=f"Tokens to capture per TP rank in capture mode (default {d.capture_tokens}).")
 
 
 def finalize_server_args(server_args: Any, options: KVTCOptions) -> None:

@@ -64,7 +64,7 @@ from kvtc_sglang.cache.options import KVTCOptions, parse_bytes
 from kvtc_sglang.cache.store import DEFAULT_PAGE_BYTES, DEVICE, HOST, BlobHandle, CompressedStore, HostTier
 from kvtc_sglang.codec.codec import exact_token_counts
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
-from kvtc_sglang.codec.pool_codec import PoolCodec
+from kvtc_sglang.codec.pool_codec import PoolCodec, make_pool_codec
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class KVTCRadixCache(compat.RadixCache):
         codec = KVTCCodec(artifact, int(options.ratio), device=device, entropy=options.entropy)
         kv_dtype = pool.dtype if pool.k_buffer[0].dtype == torch.uint8 else None
         group = params.tp_cache_group if params.tp_cache_group is not None else ctx.tp_group
-        return cls(params, PoolCodec(codec, kv_dtype=kv_dtype), options, store_budget_bytes(ctx, options),
+        return cls(params, make_pool_codec(codec, kv_dtype), options, store_budget_bytes(ctx, options),
                    tp_group=group, metric_labels={"cache_type": cls.__name__, "tp_rank": str(ctx.tp_rank)})
 
     # ------------------------------------------------------------------------------------------------------------------

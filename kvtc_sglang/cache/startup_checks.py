@@ -412,6 +412,10 @@ def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard
         return None
     check_option_conflicts(server_args, options)
     model_path = getattr(server_args, "model_path", None)
+    if options.capturing:
+        logger.info("KVTC calibration capture: K/V rows of finished requests go to %s (up to %d tokens per rank)",
+                    options.capture_dir, options.capture_tokens)
+        return None
     require_calibration(options, model_path)
     model_source: Any = getattr(server_args, "model_config", None)
     if model_source is None and model_path and (Path(model_path) / "config.json").is_file():
@@ -434,7 +438,7 @@ def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard
 # Tree-cache build context (scheduler process)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard:
+def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard | None:
     """Refuse model/cache situations the compressed tier cannot serve, then check the card against the real pool.
 
     ``ctx`` is SGLang's ``TreeCacheBuildContext``. Raises KVTCStartupError / CalibrationModelMismatch.
@@ -445,7 +449,8 @@ def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard:
     if not options.enabled:
         raise KVTCStartupError("the 'kvtc' radix cache backend was selected without --kv-compress kvtc")
     model_path = getattr(ctx.server_args, "model_path", None)
-    require_calibration(options, model_path)
+    if not options.capturing:
+        require_calibration(options, model_path)
     if ctx.disable_radix_cache:
         raise KVTCStartupError("the radix cache is disabled for this model/server (--disable-radix-cache, or a "
                                "multimodal model on the Transformers backend); the compressed KV tier needs it")
@@ -482,6 +487,8 @@ def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard:
         raise KVTCStartupError(f"the compressed KV tier needs equal key/value head dims, the pool has "
                                f"{pool.head_dim}/{pool.v_head_dim}")
 
+    if options.capturing:
+        return None
     model_config = ctx.model_config
     geometry = model_geometry(model_config)
     if pool.layer_num != geometry.num_layers:

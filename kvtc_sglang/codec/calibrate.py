@@ -55,6 +55,8 @@ class CalibrationSettings:
     # Every dp_holdout-th window feeds only the DP sample, never the covariance, so the DP sees the
     # basis's error on tokens it was not fitted to (0: the DP samples from every window).
     dp_holdout: int = 0
+    device: str = "cpu"  # where covariances, eigendecompositions and DP error tables are computed
+    dp_max_rank: int = 8192  # the DP allocates bits among the first dp_max_rank PCA coordinates of a block
     progress: bool = True
     notes: dict = field(default_factory=dict)
 
@@ -183,7 +185,7 @@ def calibrate(
     parts = layer_partition(L, settings.layer_blocks)
     p = L * H * D
     blocks_geom = [(a, b, a * H * D, (b - a) * H * D) for a, b in parts]
-    acc = {kind: [CovarianceAccumulator(pb) for _, _, _, pb in blocks_geom] for kind in KINDS}
+    acc = {kind: [CovarianceAccumulator(pb, settings.device) for _, _, _, pb in blocks_geom] for kind in KINDS}
     if sensitivity is not None:
         scales = sensitivity_scales({kind: sensitivity[kind] for kind in KINDS}, settings.scale_floor)
         for kind in KINDS:
@@ -222,8 +224,13 @@ def calibrate(
     for kind in KINDS:
         blocks[kind], solutions[kind] = [], []
         sample = res[kind].sample()
-        bases = [fit_pca(a_) for a_ in tqdm(acc[kind], desc=f"PCA ({kind})", disable=not settings.progress, unit="block")]
-        all_coeffs = [b.project(sample[:, off : off + pb]) for b, (_, _, off, pb) in zip(bases, blocks_geom)]
+        bases = []
+        for a_ in tqdm(acc[kind], desc=f"PCA ({kind})", disable=not settings.progress, unit="block"):
+            bases.append(fit_pca(a_))
+            a_.release()  # the covariance (p^2 float64) is not needed once its basis exists
+        dev_sample = sample.to(settings.device)
+        all_coeffs = [b.project(dev_sample[:, off : off + pb], r=min(pb, settings.dp_max_rank))
+                      for b, (_, _, off, pb) in zip(bases, blocks_geom)]
         clip_tables[kind] = fit_clip_factors(all_coeffs) if settings.clip else {}
         for (la, lb, off, pb), basis, coeffs in tqdm(list(zip(blocks_geom, bases, all_coeffs)), desc=f"DP ({kind})", disable=not settings.progress, unit="block"):
             tables = measure_error_tables(coeffs, clip=clip_tables[kind])

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "next-token loss to the KV cache) or not at all (default fisher)")
     parser.add_argument("--fisher-windows", type=int, default=8, help="windows back-propagated for the Fisher estimate (default 8)")
     parser.add_argument("--tp-size", type=int, default=1, help="write one artifact per tensor-parallel rank (KV heads split evenly) into OUT/tp{N}-rank{r}")
+    parser.add_argument("--kv-dumps", default=None, metavar="DIR",
+                        help="calibrate from K/V rows captured by a running server (`--kv-compress kvtc --kvtc-capture-dir "
+                             "DIR`) instead of running --model here; --model then only has to hold the model's config.json")
+    parser.add_argument("--device", default="auto", help="device for covariances, eigendecompositions and DP error tables "
+                        "(auto: cuda when available; models with p = L*H*D of 16k+ features want a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -102,9 +107,63 @@ def run_calibration(model, tokenizer, args, corpus_paths, out_dir: Path, tp_size
     return written
 
 
+def _device(arg: str) -> str:
+    if arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return arg
+
+
+def run_from_dumps(args: argparse.Namespace) -> list[Path]:
+    """Calibrate every TP rank found under --kv-dumps (directories tp{N}-rank{r} of seq*.pt files)."""
+    from kvtc_sglang.cache.capture import capture_rank_dir
+    from kvtc_sglang.codec.calibrate import CalibrationSettings, calibrate
+    from kvtc_sglang.models.kv_capture import ModelKVSpec
+
+    if not args.model or not (Path(args.model) / "config.json").is_file():
+        raise SystemExit("--kv-dumps needs --model <folder with the model's config.json>")
+    spec = ModelKVSpec.from_hf_config(json.loads((Path(args.model) / "config.json").read_text()), name=Path(args.model).name)
+    root = Path(args.kv_dumps)
+    ranks = sorted(root.glob("tp*-rank*"))
+    if not ranks:
+        raise SystemExit(f"no captured KV under {root} (expected tp<N>-rank<r>/seq*.pt from a server run with "
+                         f"--kv-compress kvtc --kvtc-capture-dir {root})")
+    written = []
+    for rank_dir in ranks:
+        tp_size, tp_rank = (int(x) for x in rank_dir.name[2:].split("-rank"))
+        files = sorted(rank_dir.glob("seq*.pt"))
+        if not files:
+            raise SystemExit(f"{rank_dir} holds no seq*.pt files")
+        first = torch.load(files[0], map_location="cpu", weights_only=True)
+        heads = int(first["k"].shape[2])
+        facts = spec.to_dict()
+        facts["num_kv_heads_per_rank"] = heads
+        windows = [torch.tensor([i]) for i in range(len(files))]
+
+        def kv_source(ids, files=files):
+            d = torch.load(files[int(ids[0])], map_location="cpu", weights_only=True)
+            return d["k"], d["v"]
+
+        settings = CalibrationSettings(
+            seq_len=int(first["k"].shape[0]), max_tokens=args.tokens, dp_samples=args.dp_samples, ratios=tuple(args.ratios),
+            layer_blocks=args.layer_blocks, seed=args.seed, progress=not args.quiet, device=_device(args.device),
+            notes={"source": f"KV captured from a running server ({len(files)} sequences)"},
+        )
+        art = calibrate(kv_source, windows, facts, settings)
+        art.tp_size, art.tp_rank = tp_size, tp_rank
+        dest = Path(args.out) if len(ranks) == 1 and tp_size == 1 else Path(args.out) / capture_rank_dir("", tp_size, tp_rank)
+        written.append(art.save(dest))
+    return written
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kv_dumps:
+        t0 = time.time()
+        for card_path in run_from_dumps(args):
+            print(f"wrote {card_path}")
+        print(f"calibration took {time.time() - t0:.0f} s")
+        return 0
     from kvtc_sglang.models.smollm2 import load_model
 
     t0 = time.time()

@@ -105,7 +105,7 @@ def measure_error_tables(
     """
     coeffs = coeffs.float()
     n, r = coeffs.shape
-    drop = (coeffs.double() ** 2).mean(0).numpy()
+    drop = (coeffs.double() ** 2).mean(0).cpu().numpy()
     options = tuple((s, b) for s in sizes if s <= r for b in bits)
     err = np.full((len(options), r), np.inf)
     for oi, (s, b) in enumerate(options):
@@ -119,7 +119,7 @@ def measure_error_tables(
                     continue
                 tiles = x[:, off : off + k * s].reshape(x.shape[0], k, s)
                 c = (clip or {}).get((s, b), 0.0)
-                e = ((tiles - fake_quantize(tiles, b, c)) ** 2).sum(-1).double().sum(0).numpy()
+                e = ((tiles - fake_quantize(tiles, b, c)) ** 2).sum(-1).double().sum(0).cpu().numpy()
                 acc[off : off + k * s : s] += e
         valid = np.zeros(r, dtype=bool)
         valid[0 : r - s + 1 : stride] = True

@@ -84,14 +84,17 @@ class ZlibDeflate:
 def get_entropy_coder(name: str, device: torch.device | str = "cpu") -> EntropyCoder:
     """The coder for `name` on `device`.
 
-    "auto" picks nvCOMP raw DEFLATE on CUDA devices when nvCOMP is installed, else CPU zlib.
-    GPU-only coders raise EntropyCodecUnavailable without nvCOMP or a CUDA device.
+    "auto" is chosen by measurement (benchmarks/results/codec_speed.md, H100): on CUDA devices no
+    entropy stage -- nvCOMP's batched DEFLATE/GDeflate/ANS added 12-18 ms per GiB of raw KV to the
+    codec's ~6 ms (decode fell from 176 to 44-62 GB/s, below a pinned host copy) for 5-12% more
+    ratio; on the CPU, zlib raw DEFLATE. "deflate" on CUDA uses nvCOMP when installed, else zlib
+    through host memory. GPU-only coders raise EntropyCodecUnavailable without nvCOMP or a CUDA device.
     """
     device = torch.device(device)
+    if name == "auto":
+        name = "none" if device.type == "cuda" else "deflate"
     if name == "none":
         return NoEntropy()
-    if name == "auto":
-        name = "deflate"
     if name not in CODER_IDS:
         raise ValueError(f"unknown entropy coder {name!r}; choose from {sorted(CODER_IDS)} or 'auto'")
     if device.type == "cuda":

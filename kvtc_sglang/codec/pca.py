@@ -19,24 +19,37 @@ class CovarianceAccumulator:
     accumulation does not lose the small directions to a large common offset.
     """
 
-    def __init__(self, p: int):
+    def __init__(self, p: int, device: torch.device | str = "cpu"):
         self.p = p
         self.n = 0
+        self.device = torch.device(device)
         self._ref: torch.Tensor | None = None  # [p] float32 centring reference
-        self._sum = torch.zeros(p, dtype=torch.float64)
-        self._gram = torch.zeros(p, p, dtype=torch.float64)
+        self._sum = torch.zeros(p, dtype=torch.float64, device=self.device)
+        self._gram = torch.zeros(p, p, dtype=torch.float64, device=self.device)
 
     def update(self, x: torch.Tensor) -> None:
-        """x: [n, p] float tensor (any device; accumulated on CPU)."""
+        """x: [n, p] float tensor (any device; accumulated on the accumulator's device).
+
+        On CPU the Gram product runs in float32 (centred data keep it accurate) and is added in
+        float64; on CUDA it runs in float64 (cheap there, and p can reach 32768).
+        """
         if x.dim() != 2 or x.shape[1] != self.p:
             raise ShapeError(f"expected [n, {self.p}] features, got {tuple(x.shape)}")
-        x = x.detach().to("cpu", torch.float32)
+        x = x.detach().to(self.device, torch.float32)
         if self._ref is None:
             self._ref = x.mean(0)
         xc = x - self._ref
         self._sum += xc.sum(0, dtype=torch.float64)
-        self._gram += (xc.T @ xc).double()
+        if self.device.type == "cuda":
+            xd = xc.double()
+            self._gram += xd.T @ xd
+        else:
+            self._gram += (xc.T @ xc).double()
         self.n += x.shape[0]
+
+    def release(self) -> None:
+        """Free the Gram matrix (after fit_pca); the accumulator can no longer give a covariance."""
+        self._gram = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -47,6 +60,8 @@ class CovarianceAccumulator:
         """[p, p] float64 covariance (1/n normalisation)."""
         if self.n < 2:
             raise ShapeError("need at least two samples for a covariance")
+        if self._gram is None:
+            raise ShapeError("the covariance was released")
         m = self._sum / self.n
         return self._gram / self.n - torch.outer(m, m)
 
@@ -83,9 +98,12 @@ class PCABasis:
 
 
 def fit_pca(acc: CovarianceAccumulator) -> PCABasis:
-    """Full eigendecomposition of the accumulated covariance (float64), directions by descending variance."""
+    """Full eigendecomposition of the accumulated covariance (float64, on the accumulator's device),
+    directions by descending variance. Returns CPU tensors."""
     cov = acc.covariance()
     evals, evecs = torch.linalg.eigh(cov)
+    del cov
+    evals, evecs = evals.cpu(), evecs.cpu()
     order = torch.argsort(evals, descending=True)
     evals = evals[order].clamp_min(0.0)
     evecs = evecs[:, order]
@@ -94,4 +112,4 @@ def fit_pca(acc: CovarianceAccumulator) -> PCABasis:
     signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1])])
     signs[signs == 0] = 1
     evecs = evecs * signs
-    return PCABasis(acc.mean.float(), evecs.float(), evals.float())
+    return PCABasis(acc.mean.float().cpu(), evecs.float(), evals.float())

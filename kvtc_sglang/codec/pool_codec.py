@@ -89,3 +89,16 @@ class PoolCodec:
             k, v = k.view(torch.uint8), v.view(torch.uint8)
         scatter_rows(k_buffers, slots, k)
         scatter_rows(v_buffers, slots, v)
+
+
+def make_pool_codec(codec: KVTCCodec, kv_dtype: torch.dtype | None = None):
+    """The pool codec for the codec's device: the fused Triton kernels on CUDA (unless KVTC_REFERENCE=1
+    routes everything to the PyTorch references), the reference everywhere else."""
+    if codec.device.type == "cuda":
+        from kvtc_sglang.codec.triton.common import use_reference
+
+        if not use_reference(None):
+            from kvtc_sglang.codec.triton.pool_codec import TritonPoolCodec
+
+            return TritonPoolCodec(codec, kv_dtype=kv_dtype)
+    return PoolCodec(codec, kv_dtype=kv_dtype)

@@ -33,7 +33,8 @@ from kvtc_sglang.cache.startup_checks import CalibrationModelMismatch  # noqa: E
 
 REPO = Path(__file__).resolve().parents[2]
 OPTION_FIELDS = ["kv_compress", "kvtc_calibration", "kvtc_ratio", "kvtc_store_budget", "kvtc_host_spill",
-                 "kvtc_sink_tokens", "kvtc_window_tokens", "kvtc_entropy", "kvtc_min_compress_tokens"]
+                 "kvtc_sink_tokens", "kvtc_window_tokens", "kvtc_entropy", "kvtc_min_compress_tokens",
+                 "kvtc_capture_dir", "kvtc_capture_tokens"]
 _module_ids = itertools.count()
 
 

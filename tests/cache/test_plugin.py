@@ -326,7 +326,8 @@ def test_option_defaults_are_valid():
     options = KVTCOptions().validate()
     assert (options.kv_compress, options.ratio, options.store_budget, options.host_spill) == ("none", 16.0, "0.25", "0")
     assert (options.sink_tokens, options.window_tokens, options.entropy, options.min_compress_tokens) == (
-        4, 128, "auto", 256)
+        4, 128, "auto", 32)
+    assert (options.capture_dir, options.capture_tokens, options.capturing) == (None, 65536, False)
 
 
 def test_from_server_args_coerces_python_values():
