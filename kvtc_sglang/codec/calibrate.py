@@ -36,7 +36,7 @@ from kvtc_sglang.codec.plan import BitPlan
 from kvtc_sglang.codec.rope import RopeConfig, undo_rope
 
 KVSource = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-DEFAULT_RATIOS = (8, 16, 32, 64)
+DEFAULT_RATIOS = (8, 16, 20, 32, 64)
 
 
 @dataclass

