@@ -202,7 +202,7 @@ class LaunchPlan:
 
     kv_budget_tokens: the shared ``--max-total-tokens`` (uncompressed token slots every config gets), None when the
         pool takes whatever ``--mem-fraction-static`` leaves (equal for all configs, kvtc's store carved out of it).
-    pool_tokens: this server's ``--max-total-tokens`` (kvtc: the budget minus the store's slots).
+    pool_tokens: this server's KV pool slots (kvtc: the budget minus the slots its compressed store takes).
     store_bytes: the kvtc compressed store per TP rank (bytes), or None when it is a fraction of the free memory.
     """
 
@@ -272,9 +272,8 @@ def plan_server(config: str, *, model_path: str, host: str, port: int, server_ar
             if bpt is None:
                 raise ValueError("kvtc under --max-total-tokens needs the model's config.json (bytes per token) to "
                                  "give the compressed store the same memory; pass a local --model-path")
+            # the plugin carves the store out of the --max-total-tokens slots; this only reports the split
             pool_tokens, store_bytes = kvtc_split(budget_tokens, store_budget, bpt)
-            shared = with_flag(shared, "--max-total-tokens", str(pool_tokens))
-            extra = with_flag(extra, "--kvtc-store-budget", str(store_bytes))
         elif not is_fraction(store_budget):
             store_bytes = parse_bytes(store_budget, what="--kvtc-store-budget", allow_fraction=False)
     elif base == "hicache":

@@ -265,6 +265,11 @@ def _config_from_budget_hook(original: Any, configurator: Any, budget_bytes: int
         return original(configurator, budget_bytes, *args, **kwargs)
     per_token = compat.kv_bytes_per_token(configurator)
     tokens_before = int(budget_bytes) // per_token
+    # The store comes out of the pool the server would otherwise get: under --max-total-tokens N (or a
+    # cap_tokens clamp) that is N slots, not the whole memory budget.
+    for cap in (getattr(configurator.server_args, "max_total_tokens", None), kwargs.get("cap_tokens")):
+        if cap is not None and int(cap) > 0:
+            tokens_before = min(tokens_before, int(cap))
     tokens_after, store_bytes = store_bytes_for(options, tokens_before, per_token)
     config = original(configurator, tokens_after * per_token, *args, **kwargs)
     record_reserved_store_bytes(configurator.ps.tp_rank, store_bytes)

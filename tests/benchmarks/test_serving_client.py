@@ -612,9 +612,10 @@ def test_launch_commands_per_config(tmp_path):
     kv = _plan("kvtc", tmp_path)
     assert sc.get_flag(kv.cmd, "--kv-compress") == "kvtc" and sc.get_flag(kv.cmd, "--kvtc-calibration") == "/cal"
     assert kv.pool_tokens == 750 and kv.store_bytes == 250 * bpt  # default store budget 0.25 of the budget
-    assert sc.get_flag(kv.cmd, "--max-total-tokens") == "750"
-    assert sc.get_flag(kv.cmd, "--kvtc-store-budget") == str(250 * bpt)
-    assert kv.pool_tokens * bpt + kv.store_bytes == 1000 * bpt  # equal KV memory
+    # the same --max-total-tokens: the plugin carves the store out of those slots (equal KV memory)
+    assert sc.get_flag(kv.cmd, "--max-total-tokens") == "1000"
+    assert sc.get_flag(kv.cmd, "--kvtc-store-budget") is None
+    assert kv.pool_tokens * bpt + kv.store_bytes == 1000 * bpt
     kv2 = _plan("kvtc", tmp_path, kvtc_args=["--kvtc-calibration", "/cal", "--kvtc-store-budget", "10000"])
     assert kv2.store_bytes == 10000 and kv2.pool_tokens == 1000 - (10000 + bpt - 1) // bpt
     nop = _plan("kvtc-nopressure", tmp_path)

@@ -478,6 +478,28 @@ def test_pool_sizing_hook_carves_the_store_out_of_the_kv_budget(published):
     assert config.max_total_num_tokens * per_token + plugin.reserved_store_bytes(0) <= budget
 
 
+def test_pool_sizing_hook_takes_the_store_out_of_a_max_total_tokens_cap(model_dir, card_dir):
+    """Under --max-total-tokens N the store comes out of those N slots, not out of the whole memory budget, so a
+    capped kvtc server holds the same KV memory as a capped plain server."""
+    from sglang.srt import runtime_context
+
+    sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
+                           "--max-total-tokens", "4000")
+    runtime_context.publish(sa, role="test")
+    try:
+        with runtime_context.get_parallel().override(attn_tp_size=1):
+            kvc = fake_configurator(sa, tp_rank=0)
+            per_token = compat.kv_bytes_per_token(kvc)
+            config = compat.KVCacheConfigurator.config_from_budget(kvc, 1 << 32)
+            assert config.max_total_num_tokens == 3000
+            assert plugin.reserved_store_bytes(0) == 1000 * per_token
+            config = compat.KVCacheConfigurator.config_from_budget(kvc, 1 << 32, cap_tokens=2000)
+            assert config.max_total_num_tokens == 1500 and plugin.reserved_store_bytes(0) == 500 * per_token
+    finally:
+        runtime_context.reset_context()
+        plugin._RESERVED_STORE_BYTES.clear()
+
+
 def test_pool_sizing_hook_passes_other_servers_through(published, registered, model_dir):
     plain = build_server_args(model_dir, "--page-size", "4")
     kvc = fake_configurator(plain, tp_rank=5)

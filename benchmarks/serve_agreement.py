@@ -1,0 +1,198 @@
+"""End-to-end correctness of the compressed tier on a real model: the same multi-turn chats sent to a
+server with `--kv-compress kvtc` (KV pool small enough that conversations are compressed between turns)
+and to a plain radix-cache server; greedy answers and their logprobs are compared turn by turn.
+
+One command (launches both servers side by side, or targets two running ones):
+    python benchmarks/serve_agreement.py --model-path SMOLLM2_HF_DIR \\
+        --server-args "--attention-backend triton --disable-cuda-graph --mem-fraction-static 0.3 --max-total-tokens 4096" \\
+        --kvtc-args "--kvtc-calibration ART --kvtc-window-tokens 32"
+    python benchmarks/serve_agreement.py --ref-url http://127.0.0.1:30000 --test-url http://127.0.0.1:30001 --model-path DIR
+
+Users take turns round-robin (every user's turn 1, then every user's turn 2, ...), so a returning
+user's prefix has been pushed out of the small pool by the others. Both servers get identical prompts:
+earlier turns carry the reference server's answers. Written: benchmarks/results/serving_agreement.json
+(per request: cached/restored tokens, first divergence, logprob differences; summary) and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_common as sc  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def conversations(n_users: int, n_turns: int) -> list[list[str]]:
+    """Human turns: MT-bench two-turn questions, then real ShareGPT conversations for more turns."""
+    mt = [json.loads(line)["turns"] for line in (HERE / "data" / "mt_bench_question.jsonl").read_text().splitlines() if line.strip()]
+    share = json.loads((HERE / "data" / "dialogstudio_sharegpt_original_example.json").read_text())
+    sg = []
+    for conv in share if isinstance(share, list) else share.get("data", []):
+        turns = conv.get("conversations") or conv.get("log") or []
+        humans = [t.get("value") or t.get("user utterance") for t in turns if t.get("from", "human") in ("human", "user")]
+        humans = [h for h in humans if h]
+        if len(humans) >= n_turns:
+            sg.append(humans)
+    pool = ([c for c in sg] if n_turns > 2 else []) + [t for t in mt if len(t) >= min(n_turns, 2)]
+    out = []
+    for conv in pool:
+        out.append((conv * n_turns)[:n_turns] if len(conv) < n_turns else conv[:n_turns])
+        if len(out) == n_users:
+            break
+    return out
+
+
+def generate(url: str, input_ids: list[int], max_new: int, timeout: float) -> dict:
+    payload = {"input_ids": input_ids, "return_logprob": True,
+               "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new}}
+    t0 = time.perf_counter()
+    r = requests.post(url.rstrip("/") + "/generate", json=payload, timeout=timeout)
+    r.raise_for_status()
+    out = r.json()
+    meta = out["meta_info"]
+    cached, device, host = sc.cache_split(meta)
+    lps = [row[0] for row in meta.get("output_token_logprobs") or []]
+    ids = out.get("output_ids") or [row[1] for row in meta.get("output_token_logprobs") or []]
+    return {"ids": list(ids), "logprobs": lps, "cached": cached, "device": device, "host": host,
+            "seconds": time.perf_counter() - t0}
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b)) if len(a) != len(b) else len(a)
+
+
+def run(ref_url: str, test_url: str, tokenizer, args) -> dict:
+    convs = conversations(args.users, args.turns)
+    history: list[list[dict]] = [[] for _ in convs]
+    rows = []
+    errors = 0
+    for turn in range(args.turns):
+        for u, conv in enumerate(convs):
+            history[u].append({"role": "user", "content": conv[turn]})
+            ids = tokenizer.apply_chat_template(history[u], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            try:
+                ref = generate(ref_url, ids, args.output_len, args.request_timeout)
+                test = generate(test_url, ids, args.output_len, args.request_timeout)
+            except requests.RequestException as exc:
+                errors += 1
+                print(f"request error (user {u}, turn {turn + 1}): {exc}")
+                history[u].append({"role": "assistant", "content": ""})
+                continue
+            div = first_divergence(ref["ids"], test["ids"])
+            n = min(div, len(ref["logprobs"]), len(test["logprobs"]))
+            dlp = [abs(a - b) for a, b in zip(ref["logprobs"][:n], test["logprobs"][:n])]
+            rows.append({
+                "user": u, "turn": turn + 1, "prompt_tokens": len(ids), "output_tokens": len(ref["ids"]),
+                "test_cached": test["cached"], "test_restored": test["host"], "ref_cached": ref["cached"],
+                "identical": ref["ids"] == test["ids"], "first_divergence": div,
+                "agreement_before_divergence": div / max(1, len(ref["ids"])),
+                "mean_abs_logprob_diff": sum(dlp) / len(dlp) if dlp else None,
+                "max_abs_logprob_diff": max(dlp) if dlp else None,
+            })
+            history[u].append({"role": "assistant", "content": tokenizer.decode(ref["ids"], skip_special_tokens=True)})
+            print(f"user {u:2d} turn {turn + 1}: prompt {len(ids):5d} cached {test['cached']:5d} "
+                  f"(restored {test['host']:5d}) identical={rows[-1]['identical']} divergence at {div}")
+    return {"rows": rows, "errors": errors}
+
+
+def summarize(rows: list[dict]) -> dict:
+    def part(sel):
+        if not sel:
+            return {"requests": 0}
+        lps = [r["mean_abs_logprob_diff"] for r in sel if r["mean_abs_logprob_diff"] is not None]
+        return {"requests": len(sel), "identical_rate": sum(r["identical"] for r in sel) / len(sel),
+                "agreement_before_divergence": sum(r["agreement_before_divergence"] for r in sel) / len(sel),
+                "mean_abs_logprob_diff": sum(lps) / len(lps) if lps else None,
+                "restored_tokens": sum(r["test_restored"] for r in sel)}
+    returning = [r for r in rows if r["turn"] > 1]
+    return {"first_turns": part([r for r in rows if r["turn"] == 1]), "returning_turns": part(returning),
+            "returning_with_restore": part([r for r in returning if r["test_restored"] > 0])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-path", required=True, help="HF model folder with tokenizer (prompts are tokenized here)")
+    ap.add_argument("--ref-url"), ap.add_argument("--test-url")
+    ap.add_argument("--server-args", default="", help="shared args of both launched servers")
+    ap.add_argument("--kvtc-args", default="", help="args of the kvtc server (--kvtc-calibration DIR ...)")
+    ap.add_argument("--users", type=int, default=12)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--port", type=int, default=30100)
+    ap.add_argument("--health-timeout", type=float, default=600.0)
+    ap.add_argument("--request-timeout", type=float, default=600.0)
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model_path)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    servers = []
+    try:
+        if args.ref_url and args.test_url:
+            ref_url, test_url = args.ref_url, args.test_url
+        else:
+            model = sc.read_model_info(args.model_path)
+            shared = sc.split_args(args.server_args)
+            plans = [sc.plan_server(cfg, model_path=args.model_path, host="127.0.0.1", port=port, server_args=shared,
+                                    kvtc_args=sc.split_args(args.kvtc_args), model=model)
+                     for cfg, port in (("radix", sc.find_free_port("127.0.0.1", args.port)),
+                                       ("kvtc", sc.find_free_port("127.0.0.1", args.port + 50)))]
+            for plan in plans:
+                port = sc.get_flag(plan.cmd, "--port")
+                servers.append(sc.ServerProcess(plan.cmd, f"http://127.0.0.1:{port}", out / f"agreement_{plan.config}.log").start())
+            for s in servers:
+                s.wait_healthy(args.health_timeout)
+            ref_url, test_url = servers[0].url, servers[1].url
+        t0 = time.time()
+        res = run(ref_url, test_url, tok, args)
+        flush = requests.post(test_url.rstrip("/") + "/flush_cache", timeout=60)
+        time.sleep(2)
+        metrics = sc.parse_prometheus(requests.get(test_url.rstrip("/") + "/metrics", timeout=30).text) \
+            if flush.ok else None
+        kvtc = sc.kvtc_gauges(metrics)
+        after = sc.MetricsSample.from_samples(time.time(), metrics)
+        report = {
+            "model": Path(args.model_path).name, "gpu": sc.gpu_name(), "commit": sc.git_commit(),
+            "users": args.users, "turns": args.turns, "output_len": args.output_len,
+            "server_args": args.server_args, "kvtc_args": args.kvtc_args, "seconds": round(time.time() - t0, 1),
+            "request_errors": res["errors"], "summary": summarize(res["rows"]),
+            "after_flush": {"flush_ok": flush.ok, "kv_used_tokens": after.kv_used_tokens,
+                            "kv_evictable_tokens": after.kv_evictable_tokens, "kvtc": kvtc},
+            "rows": res["rows"],
+        }
+    finally:
+        for s in servers:
+            s.stop()
+    (out / "serving_agreement.json").write_text(json.dumps(report, indent=1) + "\n")
+    s = report["summary"]
+    md = [f"# End-to-end agreement, kvtc vs plain radix ({report['model']}, {report['gpu']})", "",
+          f"{args.users} users x {args.turns} turns, {args.output_len} greedy tokens per answer, commit {report['commit']}.",
+          f"Server args: `{args.server_args}`; kvtc: `{args.kvtc_args}`.", "",
+          "| requests | n | identical answers | agreement before first divergence | mean abs logprob diff | restored tokens |",
+          "|---|---|---|---|---|---|"]
+    for name, part in s.items():
+        if part["requests"]:
+            md.append(f"| {name} | {part['requests']} | {part['identical_rate']:.2f} | {part['agreement_before_divergence']:.3f} | "
+                      f"{sc.fmt(part['mean_abs_logprob_diff'], 4)} | {part['restored_tokens']} |")
+    md += ["", f"Request errors: {res['errors']}. After /flush_cache: {report['after_flush']}."]
+    (out / "serving_agreement.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0 if res["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
