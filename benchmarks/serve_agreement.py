@@ -55,7 +55,8 @@ def generate(url: str, input_ids: list[int], max_new: int, timeout: float) -> di
                "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new}}
     t0 = time.perf_counter()
     r = requests.post(url.rstrip("/") + "/generate", json=payload, timeout=timeout)
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise requests.HTTPError(f"HTTP {r.status_code}: {r.text[:300]}", response=r)
     out = r.json()
     meta = out["meta_info"]
     cached, device, host = sc.cache_split(meta)
@@ -80,8 +81,8 @@ def run(ref_url: str, test_url: str, tokenizer, args) -> dict:
     for turn in range(args.turns):
         for u, conv in enumerate(convs):
             history[u].append({"role": "user", "content": conv[turn]})
-            ids = tokenizer.apply_chat_template(history[u], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = tokenizer.apply_chat_template(history[u], add_generation_prompt=True, tokenize=False)
+            ids = [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
             try:
                 ref = generate(ref_url, ids, args.output_len, args.request_timeout)
                 test = generate(test_url, ids, args.output_len, args.request_timeout)
