@@ -165,7 +165,8 @@ def _from_cli_args_hook(original: Any, cls: type, args: argparse.Namespace) -> A
         return server_args
     # Fail fast on conflicting flags and a missing card, then let ServerArgs' own resolution see the backend.
     check_option_conflicts(args, options)
-    require_calibration(options, getattr(args, "model_path", None))
+    if not options.capturing:
+        require_calibration(options, getattr(args, "model_path", None))
     args = argparse.Namespace(**vars(args))
     args.radix_cache_backend = BACKEND_NAME
     server_args = original(cls, args)

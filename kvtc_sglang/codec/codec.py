@@ -127,6 +127,14 @@ class KVTCCodec:
             parts.append(self.kinds["k"].encode(kx))
             parts.append(self.kinds["v"].encode(vx))
         payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device)
+        return self.frame(payload, k.dtype, n, start_pos, n_head, n_tail)
+
+    def frame(self, payload: torch.Tensor, exact_dtype: torch.dtype, n: int, start_pos: int, n_head: int,
+              n_tail: int) -> torch.Tensor:
+        """Entropy stage + header + chunk table + checksum around a raw payload (1-D uint8) -> blob.
+
+        Chunks that do not shrink are stored as they are.
+        """
         chunks = split_chunks(payload, self.chunk_bytes)
         comp = self.coder.compress(chunks)
         stored, flags = [], []
@@ -135,7 +143,7 @@ class KVTCCodec:
             stored.append(raw if use_raw else c)
             flags.append(use_raw)
         header = blobfmt.BlobHeader(
-            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[k.dtype],
+            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
             coder=CODER_IDS[self.coder.name], n_tokens=n, start_pos=int(start_pos), n_head=n_head,
             n_tail=n_tail, chunk_bytes=self.chunk_bytes, n_chunks=len(stored), raw_size=payload.numel(), data_size=0,
         )

@@ -21,7 +21,7 @@ import torch
 
 from kvtc_sglang.codec import blob as blobfmt
 from kvtc_sglang.codec.codec import KVTCCodec
-from kvtc_sglang.codec.entropy import CODER_IDS, DEFAULT_CHUNK_BYTES, split_chunks
+from kvtc_sglang.codec.entropy import DEFAULT_CHUNK_BYTES
 from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.triton.common import (
     PoolView,
@@ -181,21 +181,8 @@ class TritonPoolCodec:
 
     def frame(self, payload: torch.Tensor, store_dtype: torch.dtype, n: int, start_pos: int, n_head: int,
               n_tail: int) -> torch.Tensor:
-        """Entropy stage + header + chunk table + checksum around a raw payload (as KVTCCodec.encode)."""
-        c = self.codec
-        chunks = split_chunks(payload, c.chunk_bytes)
-        comp = c.coder.compress(chunks)
-        stored, flags = [], []
-        for raw, z in zip(chunks, comp):
-            use_raw = z.numel() >= raw.numel()
-            stored.append(raw if use_raw else z)
-            flags.append(use_raw)
-        header = blobfmt.BlobHeader(
-            fingerprint=c.fingerprint, ratio=c.ratio, exact_dtype=blobfmt.EXACT_DTYPES[store_dtype],
-            coder=CODER_IDS[c.coder.name], n_tokens=n, start_pos=int(start_pos), n_head=n_head, n_tail=n_tail,
-            chunk_bytes=c.chunk_bytes, n_chunks=len(stored), raw_size=payload.numel(), data_size=0,
-        )
-        return blobfmt.assemble(header, stored, flags)
+        """Entropy stage + header + chunk table + checksum around a raw payload (KVTCCodec.frame)."""
+        return self.codec.frame(payload, store_dtype, n, start_pos, n_head, n_tail)
 
     # ------------------------------------------------------------------ decode
     def begin_decode(self, blob: torch.Tensor, slots: torch.Tensor, *, token_range: tuple[int, int] | None = None,
