@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -213,7 +214,10 @@ def fake_server_main(argv) -> None:
         with open(os.environ["FAKE_ARGV_LOG"], "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "pgid": os.getpgid(0), "argv": argv}) + "\n")
     label = "kvtc" if a.kv_compress == "kvtc" else "hicache" if a.enable_hierarchical_cache else "radix"
-    fake = FakeSGLang(pool_tokens=a.max_total_tokens, label=label, metrics=a.enable_metrics,
+    pool_tokens = a.max_total_tokens
+    if label == "kvtc":  # the plugin carves its store (default budget: 0.25 of the slots) out of the pool
+        pool_tokens = math.floor(pool_tokens * 0.75)
+    fake = FakeSGLang(pool_tokens=pool_tokens, label=label, metrics=a.enable_metrics,
                       model_path=a.model_path)
     time.sleep(0.3)  # a short start-up, so the launcher polls /health at least once
     fake.start(a.host, a.port)
@@ -576,8 +580,9 @@ def test_rows_merge_by_key_across_workloads_and_reruns(fake, tmp_path):
 def test_throughput_url_mode(fake, tmp_path):
     server, url = fake(pool_tokens=100000)
     out = tmp_path / "res"
+    # one request in flight: a group's later requests arrive after its first one was cached (no race on hits)
     rc = tp.main(["--url", url, "--smoke", "--warmup-requests", "1", "--warmup-prompt-len", "32",
-                  "--out-dir", str(out)])
+                  "--max-concurrency", "1", "--out-dir", str(out)])
     assert rc == 0
     (row,) = json.loads((out / "throughput.json").read_text())
     assert REQUIRED <= set(row) and row["workload"] == "shared-prefix"
@@ -705,7 +710,9 @@ def test_launch_mode_runs_each_config_in_turn_and_leaves_nothing_running(tmp_pat
     launched = [json.loads(x) for x in log.read_text().splitlines()]
     assert len(launched) == 4
     flags = [sc.get_flag(x["argv"], "--max-total-tokens") for x in launched]
-    assert flags == ["400", "300", "400", None]
+    # kvtc gets the same --max-total-tokens; the plugin carves its store out of those slots
+    assert flags == ["400", "400", "400", None]
+    assert sc.get_flag(launched[1]["argv"], "--kvtc-store-budget") is None
     assert sc.get_flag(launched[1]["argv"], "--kv-compress") == "kvtc"
     assert sc.get_flag(launched[2]["argv"], "--enable-hierarchical-cache") == ""
     assert all("--enable-metrics" in x["argv"] for x in launched)
