@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# --- property-based tests: reproducible by default --------------------------------------------------------------
+# The "ci" profile draws the same examples on every run (a failure reproduces on any machine); set
+# HYPOTHESIS_PROFILE=explore to search new examples while developing.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    _hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test extra; its tests skip without it
+    pass
 
 
 # --- the shipped real model -------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from kvtc_sglang.codec.quantize import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BITS = (2, 4, 8)
+F32_TINY = 2.0 ** -149  # smallest fp32 subnormal
 F32_EPS = 2.0 ** -24
 
 
@@ -40,13 +41,14 @@ def _quantize(x: torch.Tensor, bits):
 
 
 def _bound(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bits) -> torch.Tensor:
-    """[..., 1] per-group bound on |x - x_hat|: scale/2 + how far the fp16 shift rose above min(x) + fp32 noise."""
+    """[..., 1] per-group bound on |x - x_hat|: scale/2 + how far the fp16 shift rose above min(x) + fp32 noise
+    (relative, plus the smallest fp32 subnormal per level: span / levels underflows for denormal spans)."""
     levels = (2.0 ** torch.as_tensor(bits, dtype=torch.float64)) - 1
     lo = x.double().amin(-1)
     sh, sc = shift.double(), scale.double()
     shift_err = (sh - lo).clamp_min(0)
     mag = x.double().abs().amax(-1) + sh.abs() + levels * sc
-    return (sc / 2 + shift_err + 8 * F32_EPS * mag).unsqueeze(-1)
+    return (sc / 2 + shift_err + 8 * F32_EPS * mag + (levels + 1) * F32_TINY).unsqueeze(-1)
 
 
 def _data(kind: str, shape, seed: int) -> torch.Tensor:
