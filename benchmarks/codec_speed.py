@@ -201,8 +201,6 @@ def gather(bufs, slots) -> torch.Tensor:
 def check_codec(b: Bench, tri, kb, vb, enc_slots, dec_slots, k, v, start) -> dict:
     """Triton blob -> reference decode and Triton decode; Triton vs reference relative difference and the
     reconstruction error of each against the original rows. Exact rows must come back bit-exact."""
-    from kvtc_sglang.codec.pool_codec import PoolCodec
-
     n = enc_slots.numel()
     n_head, n_tail = min(4, n // 8), min(128, n // 8)
     blob = tri.encode_slots(kb, vb, enc_slots, start, n_head, n_tail)
