@@ -435,6 +435,7 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timeout)
     results: dict = {"agreed": [], "negative": []}
+    tp_group, finished = None, False
     try:
         tp_group = dist.new_group(backend="gloo", timeout=timeout)  # the TP CPU group, as sglang's tp_cpu_group
         for name, allocator, page_size, policy, store, host, steps in AGREED_RUNS:
@@ -443,9 +444,17 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
         for name, allocator, page_size, policy, store, host, steps, per_rank, corrupt in NEGATIVE_RUNS:
             results["negative"].append(drive(rank, tp_group, name, allocator, page_size, policy, store, host, steps,
                                              agree=False, per_rank=per_rank, corrupt=corrupt))
+        finished = True
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(results, f)
+        # The negative drives take no collectives, so the ranks reach this point at different times: meet
+        # before tearing gloo down (a rank destroying its groups while its peer still holds the connections
+        # can abort in gloo's C++ teardown).
+        if finished:
+            dist.barrier()
+        if tp_group is not None:
+            dist.destroy_process_group(tp_group)
         dist.destroy_process_group()
 
 
