@@ -552,15 +552,10 @@ def main(argv=None) -> int:
     print(f"[serve_multiturn] workload {args.workload}, prompts from "
           f"{'the chat template' if tok else 'pseudo-random token ids'}, output {args.output_len} tokens, "
           f"concurrency {args.concurrency}, rate {args.request_rate}")
-    failures: list[str] = []
-    if args.url:
-        write_reports(asyncio.run(measure(args.url, args, label=args.config_label, plan=None, model=model, tok=tok)),
-                      args)
-    else:
-        failures = sc.run_launched(
-            args, model=model, report=lambda rows: write_reports(rows, args),
-            measure=lambda url, plan: asyncio.run(measure(url, args, label=plan.config, plan=plan, model=model,
-                                                          tok=tok)))
+    failures = sc.run_configs(
+        args, model=model, report=lambda rows: write_reports(rows, args),
+        measure=lambda url, plan: asyncio.run(measure(url, args, label=plan.config if plan else args.config_label,
+                                                      plan=plan, model=model, tok=tok)))
     print(f"[serve_multiturn] results in {args.out_dir} (serving.json, serving.md) [done in "
           f"{time.monotonic() - t_start:.0f} s]" + (f"; failed configs: {', '.join(failures)}" if failures else ""))
     return 1 if failures else 0

@@ -1041,6 +1041,16 @@ async def measured_run(client: ServerClient, ctx: ServerContext, interval_s: flo
     return result, mem
 
 
+def run_configs(args, *, measure: Callable[[str, LaunchPlan | None], list[dict]],
+                report: Callable[[list[dict]], Any], model: ModelInfo | None) -> list[str]:
+    """``--url``: ``report(measure(url, None))`` for the one running server; otherwise :func:`run_launched`.
+    Returns the configs that failed (always none in URL mode: its errors propagate)."""
+    if args.url:
+        report(measure(args.url, None))
+        return []
+    return run_launched(args, measure=measure, report=report, model=model)
+
+
 def run_launched(args, *, measure: Callable[[str, LaunchPlan], list[dict]], report: Callable[[list[dict]], Any],
                  model: ModelInfo | None, log: Callable[[str], None] = print) -> list[str]:
     """Launch each of ``args.configs`` in turn, ``measure(url, plan)`` it, ``report(rows)`` after each config, and

@@ -171,13 +171,10 @@ def main(argv=None) -> int:
     sc.install_sigterm_exit()
     t_start = time.monotonic()
     model = sc.read_model_info(args.model_path)
-    failures: list[str] = []
-    if args.url:
-        write_reports(asyncio.run(measure(args.url, args, label=args.config_label, plan=None, model=model)), args)
-    else:
-        failures = sc.run_launched(
-            args, model=model, report=lambda rows: write_reports(rows, args),
-            measure=lambda url, plan: asyncio.run(measure(url, args, label=plan.config, plan=plan, model=model)))
+    failures = sc.run_configs(
+        args, model=model, report=lambda rows: write_reports(rows, args),
+        measure=lambda url, plan: asyncio.run(measure(url, args, label=plan.config if plan else args.config_label,
+                                                      plan=plan, model=model)))
     print(f"[throughput] results in {args.out_dir} (throughput.json, throughput.md) [done in "
           f"{time.monotonic() - t_start:.0f} s]" + (f"; failed configs: {', '.join(failures)}" if failures else ""))
     return 1 if failures else 0

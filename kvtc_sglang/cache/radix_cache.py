@@ -54,7 +54,7 @@ import heapq
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -773,23 +773,8 @@ class KVTCRadixCache(compat.RadixCache):
     def _make_device_room(self, pages: int) -> bool:
         """Demote (host tier) or delete (no host tier) the coldest device blobs' nodes until ``pages`` are free."""
         store = self.store
-        if store.free_pages >= pages:
-            return True
-        priority = self.eviction_strategy.get_priority
-        heap = [(priority(n), n.id, n) for n in self._device_cold_leaves]
-        heapq.heapify(heap)
-        while store.free_pages < pages and heap:
-            _, _, node = heapq.heappop(heap)
-            if node not in self._device_cold_leaves or self._protected(node):
-                continue
-            parent = node.parent
-            if store.host is not None:
-                self._demote(node)
-            else:
-                self._drop_subtree(node)
-            if parent in self._device_cold_leaves:
-                heapq.heappush(heap, (priority(parent), parent.id, parent))
-        return store.free_pages >= pages
+        release = self._demote if store.host is not None else self._drop_subtree
+        return self._release_coldest(self._device_cold_leaves, release, lambda: store.free_pages >= pages)
 
     def _demote(self, node: Any) -> None:
         """Move the node's blob (and so every node sharing it) to the host tier; drop the node if the host is full."""
@@ -809,20 +794,25 @@ class KVTCRadixCache(compat.RadixCache):
         host = self.store.host
         if pages > host.num_pages:
             return False
-        if host.free_pages >= pages:
+        return self._release_coldest(self._host_cold_leaves, self._drop_subtree, lambda: host.free_pages >= pages)
+
+    def _release_coldest(self, leaves: set, release: Callable[[Any], None], done: Callable[[], bool]) -> bool:
+        """Release the coldest unprotected nodes of ``leaves`` (a live set that ``release`` updates; a parent joins
+        the queue when it becomes a leaf) in eviction-policy order until ``done()``; returns ``done()``."""
+        if done():
             return True
         priority = self.eviction_strategy.get_priority
-        heap = [(priority(n), n.id, n) for n in self._host_cold_leaves]
+        heap = [(priority(n), n.id, n) for n in leaves]
         heapq.heapify(heap)
-        while host.free_pages < pages and heap:
+        while not done() and heap:
             _, _, node = heapq.heappop(heap)
-            if node not in self._host_cold_leaves or self._protected(node):
+            if node not in leaves or self._protected(node):
                 continue
             parent = node.parent
-            self._drop_subtree(node)
-            if parent in self._host_cold_leaves:
+            release(node)
+            if parent in leaves:
                 heapq.heappush(heap, (priority(parent), parent.id, parent))
-        return host.free_pages >= pages
+        return done()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Load-back
