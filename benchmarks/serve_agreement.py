@@ -8,10 +8,14 @@ One command (launches both servers side by side, or targets two running ones):
         --kvtc-args "--kvtc-calibration ART --kvtc-window-tokens 32"
     python benchmarks/serve_agreement.py --ref-url http://127.0.0.1:30000 --test-url http://127.0.0.1:30001 --model-path DIR
 
+For a model folder without a tokenizer (dummy weights, `--load-format dummy --skip-tokenizer-init`), pass
+`--tokenizer none`: every human turn is then `--question-tokens` random token ids (seeded), the same on both servers.
+
 Users take turns round-robin (every user's turn 1, then every user's turn 2, ...), so a returning
 user's prefix has been pushed out of the small pool by the others. Both servers get identical prompts:
 earlier turns carry the reference server's answers. Written: benchmarks/results/serving_agreement.json
-(per request: cached/restored tokens, first divergence, logprob differences; summary) and .md.
+(per request: cached/restored tokens, first divergence, logprob differences; summary) and .md
+(`--tag T`: serving_agreement_T.json/.md).
 """
 
 from __future__ import annotations
@@ -73,23 +77,59 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b)) if len(a) != len(b) else len(a)
 
 
-def run(ref_url: str, test_url: str, tokenizer, args) -> dict:
-    convs = conversations(args.users, args.turns)
-    history: list[list[dict]] = [[] for _ in convs]
+class ChatPrompts:
+    """Prompts of every user's turns: real chats through the tokenizer's chat template."""
+
+    def __init__(self, tokenizer, n_users: int, n_turns: int):
+        self.tokenizer = tokenizer
+        self.convs = conversations(n_users, n_turns)
+        self.history: list[list[dict]] = [[] for _ in self.convs]
+
+    def prompt(self, user: int, turn: int) -> list[int]:
+        """Token ids of ``user``'s turn ``turn`` (0-based): the history so far plus the next human turn."""
+        self.history[user].append({"role": "user", "content": self.convs[user][turn]})
+        text = self.tokenizer.apply_chat_template(self.history[user], add_generation_prompt=True, tokenize=False)
+        return [int(t) for t in self.tokenizer(text, add_special_tokens=False).input_ids]
+
+    def answer(self, user: int, ids: list[int]) -> None:
+        """Append the reference server's answer (empty after a request error) to ``user``'s history."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        self.history[user].append({"role": "assistant", "content": text})
+
+
+class TokenPrompts:
+    """Prompts without a tokenizer: each human turn is ``question_tokens`` random ids in [1000, vocab - 1000)."""
+
+    def __init__(self, n_users: int, vocab_size: int, question_tokens: int, seed: int = 0):
+        import random
+
+        self.rng = random.Random(seed)
+        self.vocab_size, self.question_tokens = int(vocab_size), int(question_tokens)
+        self.convs = [None] * n_users
+        self.history: list[list[int]] = [[] for _ in range(n_users)]
+
+    def prompt(self, user: int, turn: int) -> list[int]:
+        hi = max(1001, self.vocab_size - 1000)
+        self.history[user] += [self.rng.randrange(1000, hi) for _ in range(self.question_tokens)]
+        return list(self.history[user])
+
+    def answer(self, user: int, ids: list[int]) -> None:
+        self.history[user] += [int(t) for t in ids]
+
+
+def run(ref_url: str, test_url: str, prompts, args) -> dict:
     rows = []
     errors = 0
     for turn in range(args.turns):
-        for u, conv in enumerate(convs):
-            history[u].append({"role": "user", "content": conv[turn]})
-            text = tokenizer.apply_chat_template(history[u], add_generation_prompt=True, tokenize=False)
-            ids = [int(t) for t in tokenizer(text, add_special_tokens=False).input_ids]
+        for u in range(len(prompts.convs)):
+            ids = prompts.prompt(u, turn)
             try:
                 ref = generate(ref_url, ids, args.output_len, args.request_timeout)
                 test = generate(test_url, ids, args.output_len, args.request_timeout)
             except requests.RequestException as exc:
                 errors += 1
                 print(f"request error (user {u}, turn {turn + 1}): {exc}")
-                history[u].append({"role": "assistant", "content": ""})
+                prompts.answer(u, [])
                 continue
             div = first_divergence(ref["ids"], test["ids"])
             n = min(div, len(ref["logprobs"]), len(test["logprobs"]))
@@ -102,7 +142,7 @@ def run(ref_url: str, test_url: str, tokenizer, args) -> dict:
                 "mean_abs_logprob_diff": sum(dlp) / len(dlp) if dlp else None,
                 "max_abs_logprob_diff": max(dlp) if dlp else None,
             })
-            history[u].append({"role": "assistant", "content": tokenizer.decode(ref["ids"], skip_special_tokens=True)})
+            prompts.answer(u, ref["ids"])
             print(f"user {u:2d} turn {turn + 1}: prompt {len(ids):5d} cached {test['cached']:5d} "
                   f"(restored {test['host']:5d}) identical={rows[-1]['identical']} divergence at {div}")
     return {"rows": rows, "errors": errors}
@@ -124,7 +164,10 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model-path", required=True, help="HF model folder with tokenizer (prompts are tokenized here)")
+    ap.add_argument("--model-path", required=True, help="HF model folder (with a tokenizer unless --tokenizer none)")
+    ap.add_argument("--tokenizer", default="auto", help="auto (the model folder's) or none (random token-id turns)")
+    ap.add_argument("--question-tokens", type=int, default=256, help="--tokenizer none: tokens per human turn")
+    ap.add_argument("--tag", default="", help="name suffix of the written files (serving_agreement_TAG.json)")
     ap.add_argument("--ref-url"), ap.add_argument("--test-url")
     ap.add_argument("--server-args", default="", help="shared args of both launched servers")
     ap.add_argument("--kvtc-args", default="", help="args of the kvtc server (--kvtc-calibration DIR ...)")
@@ -136,9 +179,15 @@ def main(argv=None) -> int:
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    from transformers import AutoTokenizer
+    if args.tokenizer == "none":
+        vocab = int(json.loads((Path(args.model_path) / "config.json").read_text())["vocab_size"])
+        prompts = TokenPrompts(args.users, vocab, args.question_tokens)
+    else:
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model_path)
+        tok = AutoTokenizer.from_pretrained(args.model_path if args.tokenizer == "auto" else args.tokenizer)
+        prompts = ChatPrompts(tok, args.users, args.turns)
+    stem = f"serving_agreement_{args.tag}" if args.tag else "serving_agreement"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     servers = []
@@ -154,12 +203,12 @@ def main(argv=None) -> int:
                                        ("kvtc", sc.find_free_port("127.0.0.1", args.port + 50)))]
             for plan in plans:
                 port = sc.get_flag(plan.cmd, "--port")
-                servers.append(sc.ServerProcess(plan.cmd, f"http://127.0.0.1:{port}", out / f"agreement_{plan.config}.log").start())
+                servers.append(sc.ServerProcess(plan.cmd, f"http://127.0.0.1:{port}", out / f"{stem}_{plan.config}.log").start())
             for s in servers:
                 s.wait_healthy(args.health_timeout)
             ref_url, test_url = servers[0].url, servers[1].url
         t0 = time.time()
-        res = run(ref_url, test_url, tok, args)
+        res = run(ref_url, test_url, prompts, args)
         flush = requests.post(test_url.rstrip("/") + "/flush_cache", timeout=60)
         time.sleep(2)
         metrics = sc.parse_prometheus(requests.get(test_url.rstrip("/") + "/metrics", timeout=30).text) \
@@ -169,6 +218,7 @@ def main(argv=None) -> int:
         report = {
             "model": Path(args.model_path).name, "gpu": sc.gpu_name(), "commit": sc.git_commit(),
             "users": args.users, "turns": args.turns, "output_len": args.output_len,
+            "prompts": "random token ids" if args.tokenizer == "none" else "chat template",
             "server_args": args.server_args, "kvtc_args": args.kvtc_args, "seconds": round(time.time() - t0, 1),
             "request_errors": res["errors"], "summary": summarize(res["rows"]),
             "after_flush": {"flush_ok": flush.ok, "kv_used_tokens": after.kv_used_tokens,
@@ -178,7 +228,7 @@ def main(argv=None) -> int:
     finally:
         for s in servers:
             s.stop()
-    (out / "serving_agreement.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     s = report["summary"]
     md = [f"# End-to-end agreement, kvtc vs plain radix ({report['model']}, {report['gpu']})", "",
           f"{args.users} users x {args.turns} turns, {args.output_len} greedy tokens per answer, commit {report['commit']}.",
@@ -190,7 +240,7 @@ def main(argv=None) -> int:
             md.append(f"| {name} | {part['requests']} | {part['identical_rate']:.2f} | {part['agreement_before_divergence']:.3f} | "
                       f"{sc.fmt(part['mean_abs_logprob_diff'], 4)} | {part['restored_tokens']} |")
     md += ["", f"Request errors: {res['errors']}. After /flush_cache: {report['after_flush']}."]
-    (out / "serving_agreement.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0 if res["errors"] == 0 else 1
 

@@ -23,6 +23,7 @@ import torch
 
 from kvtc_sglang import sglang_compat as compat
 from kvtc_sglang.cache.options import KVTCOptions
+from kvtc_sglang.codec.artifact import rank_dir_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ MIN_SEQUENCE_TOKENS = 64
 
 
 def capture_rank_dir(root: str | os.PathLike, tp_size: int, tp_rank: int) -> Path:
-    return Path(root) / f"tp{tp_size}-rank{tp_rank}"
+    return Path(root) / rank_dir_name(tp_size, tp_rank)
 
 
 class KVCaptureRadixCache(compat.RadixCache):

@@ -31,6 +31,7 @@ from kvtc_sglang import sglang_compat as compat
 from kvtc_sglang.cache.options import ENTROPY_CHOICES, KV_COMPRESS_CHOICES, KVTCOptions, is_fraction, parse_bytes
 from kvtc_sglang.cache.startup_checks import (
     BACKEND_NAME,
+    attention_tp,
     check_build_context,
     check_option_conflicts,
     check_server_args,
@@ -166,7 +167,7 @@ def _from_cli_args_hook(original: Any, cls: type, args: argparse.Namespace) -> A
     # Fail fast on conflicting flags and a missing card, then let ServerArgs' own resolution see the backend.
     check_option_conflicts(args, options)
     if not options.capturing:
-        require_calibration(options, getattr(args, "model_path", None))
+        require_calibration(options, getattr(args, "model_path", None), attention_tp(args))
     args = argparse.Namespace(**vars(args))
     args.radix_cache_backend = BACKEND_NAME
     server_args = original(cls, args)

@@ -175,15 +175,16 @@ class KVTCRadixCache(compat.RadixCache):
         """
         from kvtc_sglang.cache.plugin import store_budget_bytes
         from kvtc_sglang.cache.startup_checks import attention_tp
-        from kvtc_sglang.codec.artifact import check_artifact_matches, load_artifact
+        from kvtc_sglang.codec.artifact import check_artifact_matches, load_artifact, rank_artifact_path
         from kvtc_sglang.codec.codec import KVTCCodec
 
         params = ctx.params
         pool = compat.kv_pool_of(params.token_to_kv_pool_allocator)
-        artifact = load_artifact(options.calibration)
         tp_size = attention_tp(ctx.server_args)
+        tp_rank = int(ctx.tp_rank) % tp_size
+        artifact = load_artifact(rank_artifact_path(options.calibration, tp_size, tp_rank))
         check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
-                               head_dim=int(pool.head_dim), tp_size=tp_size, tp_rank=int(ctx.tp_rank) % tp_size)
+                               head_dim=int(pool.head_dim), tp_size=tp_size, tp_rank=tp_rank)
         device = pool.k_buffer[0].device
         codec = KVTCCodec(artifact, int(options.ratio), device=device, entropy=options.entropy)
         kv_dtype = pool.dtype if pool.k_buffer[0].dtype == torch.uint8 else None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS, KVTCOptions
+from kvtc_sglang.codec.artifact import rank_artifact_path
 from kvtc_sglang.codec.errors import CalibrationMismatchError
 
 logger = logging.getLogger(__name__)
@@ -379,19 +380,25 @@ def check_option_conflicts(server_args: Any, options: KVTCOptions) -> None:
         raise KVTCStartupError(f"{with_kvtc} supports --page-size 1 or a power of two, got {page_size}")
 
 
-def require_calibration(options: KVTCOptions, model_path: str | None = None) -> Path:
-    """The card path of ``--kvtc-calibration``; CalibrationCardError (naming the calibrate command) if not given or
-    not found."""
+def require_calibration(options: KVTCOptions, model_path: str | None = None, tp_size: int = 1) -> list[Path]:
+    """The card path of every TP rank (``rank_artifact_path`` of ``--kvtc-calibration``), rank 0 first;
+    CalibrationCardError (naming the calibrate command) if not given or a rank's card is not found."""
     if options.calibration is None:
         raise CalibrationCardError(
             f"--kv-compress kvtc needs a calibration artifact for the model: make one with "
             f"`{calibrate_hint(model_path)}` and pass --kvtc-calibration <dir>")
-    try:
-        return resolve_card_path(options.calibration)
-    except CalibrationCardError:
-        raise CalibrationCardError(
-            f"--kvtc-calibration {options.calibration}: no KVTC calibration card there (expected a directory holding "
-            f"{CARD_FILENAME}, or the card file). Make one with `{calibrate_hint(model_path)}`") from None
+    paths = []
+    for rank in range(max(1, int(tp_size))):
+        try:
+            paths.append(resolve_card_path(rank_artifact_path(options.calibration, tp_size, rank)))
+        except CalibrationCardError:
+            where = f" for TP rank {rank} of {tp_size} (expected {CARD_FILENAME} in tp{tp_size}-rank{rank}/ there, " \
+                    f"or in the directory itself)" if tp_size > 1 else \
+                    f" (expected a directory holding {CARD_FILENAME}, or the card file)"
+            raise CalibrationCardError(
+                f"--kvtc-calibration {options.calibration}: no KVTC calibration card there{where}. Make one with "
+                f"`{calibrate_hint(model_path)}{f' --tp-size {tp_size}' if tp_size > 1 else ''}`") from None
+    return paths
 
 
 def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard | None:
@@ -416,20 +423,26 @@ def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard
         logger.info("KVTC calibration capture: K/V rows of finished requests go to %s (up to %d tokens per rank)",
                     options.capture_dir, options.capture_tokens)
         return None
-    require_calibration(options, model_path)
+    tp = attention_tp(server_args)
+    card_paths = require_calibration(options, model_path, tp)
     model_source: Any = getattr(server_args, "model_config", None)
     if model_source is None and model_path and (Path(model_path) / "config.json").is_file():
         model_source = model_path
-    if model_source is None:
-        card = load_card(options.calibration, model_path=model_path)
-        if card.plan_key(options.ratio) is None:
-            raise CalibrationModelMismatch(
-                f"--kvtc-ratio {options.ratio:g} has no bit plan in KVTC calibration card {card.path} (plans: "
-                f"{', '.join(f'{r:g}' for r in card.ratios)})")
-        logger.info("KVTC calibration card %s read; it is checked against the model when the model loads", card.path)
-        return card
-    return validate_calibration_for_model(options.calibration, model_source, tp_size=attention_tp(server_args),
-                                          ratio=options.ratio, model_path=model_path)
+    cards = []
+    for rank, path in enumerate(card_paths):
+        if model_source is None:
+            card = load_card(path, model_path=model_path)
+            if card.plan_key(options.ratio) is None:
+                raise CalibrationModelMismatch(
+                    f"--kvtc-ratio {options.ratio:g} has no bit plan in KVTC calibration card {card.path} (plans: "
+                    f"{', '.join(f'{r:g}' for r in card.ratios)})")
+            logger.info("KVTC calibration card %s read; it is checked against the model when the model loads",
+                        card.path)
+        else:
+            card = validate_calibration_for_model(path, model_source, tp_size=tp, tp_rank=rank if tp > 1 else None,
+                                                  ratio=options.ratio, model_path=model_path)
+        cards.append(card)
+    return cards[0]
 
 
 
@@ -450,7 +463,7 @@ def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard | Non
         raise KVTCStartupError("the 'kvtc' radix cache backend was selected without --kv-compress kvtc")
     model_path = getattr(ctx.server_args, "model_path", None)
     if not options.capturing:
-        require_calibration(options, model_path)
+        require_calibration(options, model_path, attention_tp(ctx.server_args))
     if ctx.disable_radix_cache:
         raise KVTCStartupError("the radix cache is disabled for this model/server (--disable-radix-cache, or a "
                                "multimodal model on the Transformers backend); the compressed KV tier needs it")
@@ -503,6 +516,6 @@ def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard | Non
     live_rope = compat.rope_of_model(getattr(getattr(ctx.tp_worker, "model_runner", None), "model", None))
     tp_rank = int(ctx.tp_rank) % tp
     return validate_calibration_for_model(
-        options.calibration, geometry, tp_size=tp, tp_rank=tp_rank, ratio=options.ratio,
+        rank_artifact_path(options.calibration, tp, tp_rank), geometry, tp_size=tp, tp_rank=tp_rank, ratio=options.ratio,
         rope_style=live_rope["style"] if live_rope else None, rope_theta=live_rope["theta"] if live_rope else None,
         model_path=model_path)

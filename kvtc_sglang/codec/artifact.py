@@ -220,6 +220,26 @@ def card_path(path: str | os.PathLike) -> Path:
     return p / CARD_NAME if p.is_dir() else p
 
 
+def rank_dir_name(tp_size: int, tp_rank: int) -> str:
+    """Folder of one tensor-parallel rank inside an artifact (or KV capture) directory: ``tp{N}-rank{r}``."""
+    return f"tp{int(tp_size)}-rank{int(tp_rank)}"
+
+
+def rank_artifact_path(path: str | os.PathLike, tp_size: int, tp_rank: int) -> Path:
+    """The artifact TP rank ``tp_rank`` of ``tp_size`` loads from ``--kvtc-calibration path``.
+
+    ``path/tp{N}-rank{r}`` when that folder exists (what `kvtc-sglang calibrate --tp-size N` and `--kv-dumps` of a
+    TP=N capture write), else ``path`` itself (a single-rank artifact, or one rank's folder given directly; its card's
+    tp_size/tp_rank are checked against the server).
+    """
+    p = Path(path).expanduser()
+    if int(tp_size) > 1:
+        sub = p / rank_dir_name(tp_size, tp_rank)
+        if sub.is_dir():
+            return sub
+    return p
+
+
 def read_card(path: str | os.PathLike) -> dict:
     """The card JSON of an artifact directory (or card file). Raises CalibrationMismatchError."""
     cp = card_path(path)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from kvtc_sglang.codec.artifact import rank_dir_name
+
 DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
                   "wikitext2_valid.txt")
 
@@ -103,7 +105,7 @@ def run_calibration(model, tokenizer, args, corpus_paths, out_dir: Path, tp_size
             sens = {kind: f.view(L, spec.num_kv_heads, D)[:, hs].reshape(-1) for kind, f in fisher.items()}
         art = calibrate(kv_source, windows, facts, settings, head_slice=hs if tp_size > 1 else None, sensitivity=sens)
         art.tp_size, art.tp_rank = tp_size, rank
-        dest = out_dir if tp_size == 1 else out_dir / f"tp{tp_size}-rank{rank}"
+        dest = out_dir if tp_size == 1 else out_dir / rank_dir_name(tp_size, rank)
         written.append(art.save(dest))
     return written
 

@@ -36,10 +36,13 @@ from kvtc_sglang.cache.startup_checks import (  # noqa: E402
     CalibrationModelMismatch,
     KVTCStartupError,
     check_build_context,
+    check_server_args,
     load_card,
     model_geometry,
+    require_calibration,
     validate_calibration_for_model,
 )
+from kvtc_sglang.codec.artifact import rank_artifact_path  # noqa: E402
 
 FLAGS = ["--kv-compress", "--kvtc-calibration", "--kvtc-ratio", "--kvtc-store-budget", "--kvtc-host-spill",
          "--kvtc-sink-tokens", "--kvtc-window-tokens", "--kvtc-entropy", "--kvtc-min-compress-tokens"]
@@ -293,6 +296,34 @@ def test_tensor_parallel_cards_compare_heads_per_rank(tmp_path):
     assert validate_calibration_for_model(card, config, tp_size=2, tp_rank=1).num_kv_heads_per_rank == 4
     with pytest.raises(CalibrationModelMismatch, match="tp_rank is 1 in the card but 0"):
         validate_calibration_for_model(card, config, tp_size=2, tp_rank=0)
+
+
+def test_each_tensor_parallel_rank_reads_its_own_folder(tmp_path, registered):
+    """One --kvtc-calibration for all ranks: rank r loads DIR/tp2-rank{r} (what calibrate --tp-size 2 writes)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(MODEL, num_key_value_heads=6, num_attention_heads=12)))
+    art = tmp_path / "art"
+    for rank in range(2):
+        make_card(art / f"tp2-rank{rank}", num_kv_heads=6, tp_size=2, tp_rank=rank)
+    assert rank_artifact_path(art, 2, 1) == art / "tp2-rank1"
+    assert rank_artifact_path(art, 1, 0) == art  # single-rank artifacts are the folder itself
+    options = KVTCOptions(kv_compress="kvtc", calibration=str(art))
+    assert require_calibration(options, tp_size=2) == [art / "tp2-rank0" / "card.json", art / "tp2-rank1" / "card.json"]
+    server_args = build_server_args(model, "--tp-size", "2", "--kv-compress", "kvtc", "--kvtc-calibration", str(art))
+    assert check_server_args(server_args, options).tp_rank == 0
+    for rank in range(2):  # the pool of build_context holds 3 heads: 6 KV heads over 2 ranks
+        card = check_build_context(build_context(server_args, tp_rank=rank), options)
+        assert (card.tp_size, card.tp_rank, card.path.parent.name) == (2, rank, f"tp2-rank{rank}")
+    # A rank folder given directly is checked against the rank that loads it.
+    with pytest.raises(CalibrationModelMismatch, match="tp_rank is 1 in the card but 0"):
+        validate_calibration_for_model(rank_artifact_path(art / "tp2-rank1", 2, 0), model, tp_size=2, tp_rank=0)
+    # A missing rank is refused at launch, naming the rank and the command that makes all of them.
+    (art / "tp2-rank1" / "card.json").unlink()
+    with pytest.raises(CalibrationCardError, match=r"TP rank 1 of 2 .*--tp-size 2"):
+        require_calibration(options, tp_size=2)
+    with pytest.raises(CalibrationCardError, match="TP rank 1 of 2"):
+        build_server_args(model, "--tp-size", "2", "--kv-compress", "kvtc", "--kvtc-calibration", str(art))
 
 
 @pytest.mark.parametrize("card_text, what", [
