@@ -3,6 +3,7 @@
 # FlashInfer kits on PYTHONPATH). The dummy Llama-3.1-8B (random weights, `--load-format dummy`) is calibrated from its
 # own KV cache (capture server -> KV dumps -> GPU calibration), at TP=1 and TP=2, then served.
 #
+#   [E2E_STEPS="..."] [E2E_MULTIPLIERS=m,...] \
 #   bash benchmarks/gpu_e2e.sh all [SECONDS] [GPUS]   the whole run below in the background (setsid), finishing within
 #                                              SECONDS (default 1500; steps that no longer fit are skipped), on two
 #                                              GPUs (default "0 1"; one GPU: "0" runs both lanes on it in turn, no TP=2)
@@ -12,9 +13,11 @@
 #
 # `all`: setup (install the checkout, check the plugin's flags, write the dummy model's config.json); TP=1 and TP=2 KV
 # captures side by side while FlashInfer compiles its kernels on the second GPU; calibration of both; then lane A
-# (GPU 0): radix, kvtc, hicache under memory pressure (serve_multiturn.py, synthetic multi-turn, working set 4x the
-# KV budget); lane B (GPU 1): kvtc-vs-radix agreement with --attention-backend flashinfer, then the no-pressure runs;
-# then TP=2 (kvtc, radix) over both GPUs; then throughput.py. Work files: $KVTC_E2E (default /tmp/kvtc_e2e); results
+# (GPU 0): radix and kvtc under memory pressure (serve_multiturn.py, synthetic multi-turn, working set
+# E2E_MULTIPLIERS x the KV budget, default 4); lane B (GPU 1): hicache the same way, the kvtc-vs-radix agreement with
+# --attention-backend flashinfer, the no-pressure runs; then TP=2 (kvtc, radix) over both GPUs; then throughput.py.
+# E2E_STEPS picks the optional steps (default "tp2 flashinfer nopressure throughput"; "gputests" adds the Triton
+# kernel and store tests on the second GPU). Work files: $KVTC_E2E (default /tmp/kvtc_e2e); results
 # under $KVTC_E2E/results, logs under $KVTC_E2E/logs, step-by-step progress in $KVTC_E2E/progress.log.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -120,12 +123,12 @@ flashinfer_warm() {  # FlashInfer JIT-compiles its kernels on first use (minutes
   log "flashinfer warm-up done"
 }
 
-serve() {  # serve CONFIGS GPUS PORT TP OUTDIR MODEL_LABEL
+serve() {  # serve CONFIGS GPUS PORT TP OUTDIR MODEL_LABEL MULTIPLIERS
   local tp=$4
   CUDA_VISIBLE_DEVICES=$2 timeout "$(left)" $PY benchmarks/serve_multiturn.py --configs "$1" --model-path "$LLAMA" \
     --model-label "$6" --port "$3" \
     --server-args "$DUMMY --attention-backend triton --mem-fraction-static 0.8 --max-total-tokens $BUDGET_TOKENS --tp-size $tp" \
-    --kvtc-args "--kvtc-calibration $W/art_llama_tp$tp" --workload synthetic --working-set-multipliers 4 --output-len 32 \
+    --kvtc-args "--kvtc-calibration $W/art_llama_tp$tp" --workload synthetic --working-set-multipliers "$7" --output-len 32 \
     --concurrency 16 --out-dir "$5" > "$LOGS/serve_$(basename "$5").log" 2>&1
   log "serve $1 (TP=$tp) rc $?: $(grep -c '' "$5/serving.json" 2>/dev/null) lines in serving.json"
 }
@@ -149,36 +152,44 @@ throughput() {  # throughput CONFIGS GPUS PORT OUTDIR
 
 pipeline() {
   read -r -a gpus <<< "$GPU_LIST"
-  local a=${gpus[0]} b=${gpus[1]:-${gpus[0]}} both
+  local a=${gpus[0]} b=${gpus[1]:-${gpus[0]}} both steps=" $E2E_STEPS " mult=$E2E_MULTIPLIERS
   both=$(IFS=,; echo "${gpus[*]}")
+  has() { [[ "$steps" == *" $1 "* ]]; }
   setup
-  log "setup done; GPUs: lane A $a, lane B $b"
+  log "setup done; GPUs: lane A $a, lane B $b; steps:$steps; working set ${mult}x the KV budget"
   local jobs=() warm=()
-  if [ "$a" != "$b" ]; then flashinfer_warm "$b" 30990 & warm=($!); fi
+  if has gputests; then
+    CUDA_VISIBLE_DEVICES=$b timeout 300 $PY -m pytest -q -p no:cacheprovider tests/codec/test_triton_kernels.py \
+      tests/cache/test_store.py > "$R/gpu_tests.txt" 2>&1 && log "GPU tests: $(tail -1 "$R/gpu_tests.txt")" &
+  fi
+  if has flashinfer && [ "$a" != "$b" ]; then flashinfer_warm "$b" 30990 & warm=($!); fi
   capture 1 "$a" 31000 & jobs+=($!)
-  if [ "$a" != "$b" ]; then capture 2 "$both" 31100 & jobs+=($!); fi
+  if has tp2 && [ "$a" != "$b" ]; then capture 2 "$both" 31100 & jobs+=($!); fi
   wait "${jobs[@]}"
   jobs=()
   calibrate 1 "$a" & jobs+=($!)
   if [ -d "$W/llama_dumps_tp2" ]; then calibrate 2 "$b" & jobs+=($!); fi
   wait "${jobs[@]}"
   [ -f "$W/art_llama_tp1/card.json" ] || { log "no TP=1 calibration; stopping"; touch "$W/ALL_DONE"; return; }
-  { fits 400 "lane A serving" && serve radix,kvtc,hicache "$a" 30000 1 "$R/laneA" "$LABEL"; } & jobs=($!)
-  if [ "$a" != "$b" ]; then
+  # lane A: plain radix and kvtc; lane B: hicache, then the FlashInfer agreement and the no-pressure runs
+  { fits 200 "lane A serving" && serve radix,kvtc "$a" 30000 1 "$R/laneA" "$LABEL" "$mult"; } & jobs=($!)
+  if [ "$a" = "$b" ]; then wait "${jobs[@]}"; fi
+  fits 100 "hicache serving" && serve hicache "$b" 30100 1 "$R/laneB_hicache" "$LABEL" "$mult"
+  if has flashinfer; then
     [ ${#warm[@]} -gt 0 ] && wait "${warm[@]}"
     fits 200 "flashinfer agreement" && agreement flashinfer "$b" 30200
-    fits 300 "no-pressure runs" && serve radix-nopressure,kvtc-nopressure "$b" 30400 1 "$R/laneB" "$LABEL"
   fi
+  has nopressure && fits 300 "no-pressure runs" && \
+    serve radix-nopressure,kvtc-nopressure "$b" 30400 1 "$R/laneB" "$LABEL" "$mult"
   wait "${jobs[@]}"
-  if [ "$a" = "$b" ]; then
-    fits 200 "flashinfer agreement" && agreement flashinfer "$b" 30200
-    fits 300 "no-pressure runs" && serve radix-nopressure,kvtc-nopressure "$b" 30400 1 "$R/laneB" "$LABEL"
-  elif [ -f "$W/art_llama_tp2/tp2-rank1/card.json" ]; then
-    fits 300 "TP=2 serving" && serve kvtc,radix "$both" 30600 2 "$R/tp2" "$LABEL-tp2"
+  if has tp2 && [ -f "$W/art_llama_tp2/tp2-rank1/card.json" ]; then
+    fits 300 "TP=2 serving" && serve kvtc,radix "$both" 30600 2 "$R/tp2" "$LABEL-tp2" "$mult"
   fi
-  { fits 240 "throughput radix,kvtc" && throughput radix,kvtc "$a" 30800 "$R/throughput_a"; } &
-  if [ "$a" != "$b" ]; then { fits 150 "throughput hicache" && throughput hicache "$b" 31200 "$R/throughput_b"; } & fi
-  wait
+  if has throughput; then
+    { fits 240 "throughput radix,kvtc" && throughput radix,kvtc "$a" 30800 "$R/throughput_a"; } &
+    if [ "$a" != "$b" ]; then fits 150 "throughput hicache" && throughput hicache "$b" 31200 "$R/throughput_b"; fi
+    wait
+  fi
   log "ALL DONE"
   touch "$W/ALL_DONE"
 }
@@ -192,7 +203,8 @@ case $step in
   all)
     rm -rf "$R" "$LOGS" "$W/ALL_DONE" "$W/progress.log"; mkdir -p "$R" "$LOGS"
     date +%s > "$W/t0"; echo $(( $(date +%s) + ${2:-1500} )) > "$W/deadline"
-    GPU_LIST=${3:-0 1} setsid nohup bash "$0" pipeline > "$LOGS/pipeline.log" 2>&1 < /dev/null &
+    GPU_LIST=${3:-0 1} E2E_STEPS=${E2E_STEPS:-tp2 flashinfer nopressure throughput} \
+      E2E_MULTIPLIERS=${E2E_MULTIPLIERS:-4} setsid nohup bash "$0" pipeline > "$LOGS/pipeline.log" 2>&1 < /dev/null &
     echo "started; progress in $W/progress.log"
     ;;
   pipeline) pipeline ;;

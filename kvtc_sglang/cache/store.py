@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtc_sglang.codec.transfer import to_device_async
+
 DEVICE = "device"
 HOST = "host"
 DEFAULT_PAGE_BYTES = 4096
@@ -140,8 +142,8 @@ class PageArena:
         src = blob.to(self.device)
         if full:
             self._pages2d.index_copy_(0, pages[:full], src[:full * self.page_bytes].view(full, self.page_bytes))
-        if rest:
-            self._pages2d[pages[full], :rest] = src[full * self.page_bytes:]
+        if rest:  # a 1-element index tensor: a 0-dim one would be read back to the host (a device sync)
+            self._pages2d[pages[full:full + 1], :rest] = src[full * self.page_bytes:].view(1, rest)
 
     def read(self, pages: torch.Tensor, nbytes: int) -> torch.Tensor:
         """The first ``nbytes`` bytes of ``pages`` as one contiguous 1-D uint8 tensor on this arena's device."""
@@ -270,7 +272,7 @@ class CompressedStore:
 
     def _place(self, handle: BlobHandle, arena: PageArena, ids: torch.Tensor) -> None:
         handle.pages_cpu = ids
-        handle.pages = ids.to(arena.device)
+        handle.pages = to_device_async(ids, arena.device)
 
     def _check(self, handle: BlobHandle) -> None:
         if not handle.alive or self._live.get(handle.id) is not handle:

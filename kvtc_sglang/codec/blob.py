@@ -23,8 +23,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kvtc_sglang.codec.checksum import checksum64_int
+from kvtc_sglang.codec.checksum import checksum64_int, checksum64_le_bytes
 from kvtc_sglang.codec.errors import BlobFormatError
+from kvtc_sglang.codec.transfer import bytes_to_device
 
 MAGIC = b"KVTC"
 FORMAT_VERSION = 1
@@ -33,6 +34,7 @@ RAW_FLAG = 1 << 31
 # magic, version, header_size, flags, fingerprint, ratio, exact_dtype, coder, n_tokens, start_pos,
 # n_head, n_tail, chunk_bytes, n_chunks, raw_size, data_size, checksum
 HEADER = struct.Struct("<4sHHI16sHBBIIIIIIQQQ")
+CHECKSUM_OFFSET = HEADER.size - 8  # the checksum is the header's last field (uint64)
 
 EXACT_DTYPES = {
     torch.float32: 0,
@@ -112,15 +114,17 @@ class BlobHeader:
 
 
 def assemble(header: BlobHeader, stored: list[torch.Tensor], raw_flags: list[bool]) -> torch.Tensor:
-    """Build the blob bytes (1-D uint8, on the chunks' device) and fill in sizes and checksum."""
+    """Build the blob bytes (1-D uint8, on the chunks' device) and fill in sizes and checksum.
+
+    Nothing here waits for the device: the header goes up asynchronously and the checksum is computed and written
+    into its field (the header's last 8 bytes) on the device, so on CUDA a blob can be framed while the GPU is busy.
+    """
     sizes = [int(c.numel()) for c in stored]
     table = struct.pack(f"<{len(sizes)}I", *[s | (RAW_FLAG if f else 0) for s, f in zip(sizes, raw_flags)])
     header = replace(header, n_chunks=len(stored), data_size=sum(sizes), checksum=0)
     dev = stored[0].device if stored else torch.device("cpu")
-    head = torch.frombuffer(bytearray(header.pack() + table), dtype=torch.uint8).to(dev)
-    buf = torch.cat([head, *stored])
-    csum = checksum64_int(buf)
-    buf[: HEADER.size] = torch.frombuffer(bytearray(replace(header, checksum=csum).pack()), dtype=torch.uint8).to(dev)
+    buf = torch.cat([bytes_to_device(header.pack() + table, dev), *stored])
+    buf[CHECKSUM_OFFSET:HEADER.size] = checksum64_le_bytes(buf)
     return buf
 
 

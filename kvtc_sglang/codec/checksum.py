@@ -33,3 +33,10 @@ def checksum64(buf: torch.Tensor) -> torch.Tensor:
 def checksum64_int(buf: torch.Tensor) -> int:
     """Host integer of checksum64 (synchronizes with the device)."""
     return int(checksum64(buf).item()) & ((1 << 64) - 1)
+
+
+def checksum64_le_bytes(buf: torch.Tensor) -> torch.Tensor:
+    """The checksum as its 8 little-endian bytes: 1-D uint8 tensor on buf's device (no host sync)."""
+    c = checksum64(buf)
+    shifts = torch.arange(0, 64, 8, device=buf.device, dtype=torch.int64)
+    return ((c >> shifts) & 0xFF).to(torch.uint8)

@@ -533,6 +533,33 @@ def test_env_switch_routes_kernels_to_references(device, monkeypatch):
     assert set(calls) == {"gather_exact", "gather_features", "project", "group_params", "pack"}
 
 
+@pytest.mark.gpu
+def test_compressing_into_the_store_never_waits_for_the_device(device):
+    """A node is compressed while the scheduler's forward pass is still running on the GPU: encoding, framing
+    (header, checksum) and storing the blob must queue work on the stream without a host sync."""
+    from kvtc_sglang.cache.store import CompressedStore
+    from kvtc_sglang.codec import blob as blobfmt
+
+    art, kb, vb, slots, start, k, v = _encode_setup(SMALL, torch.bfloat16, device, seed=3)
+    pc = TritonPoolCodec(KVTCCodec(art, 1, device, entropy="none"))
+    store = CompressedStore(1 << 20, device=device)
+    want = pc.encode_slots(kb, vb, slots, start, 4, 9)  # first call: kernel compilation, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        busy = torch.randn(4096, 4096, device=device)
+        for _ in range(20):  # keep the GPU busy, as a forward pass would
+            busy = busy @ busy / 64
+        blob = pc.encode_slots(kb, vb, slots, start, 4, 9)
+        handle = store.put(blob)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert handle is not None and torch.equal(blob, want)
+    assert torch.equal(store.get(handle), want)
+    h = blobfmt.read_header(want)
+    blobfmt.verify_checksum(want, h)
+
+
 def test_bad_inputs_raise_before_writing(device):
     case = SMALL
     art, kb, vb, slots, start, k, v = _encode_setup(case, torch.bfloat16, device)
