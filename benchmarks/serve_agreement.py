@@ -98,7 +98,7 @@ class ChatPrompts:
 
 
 class TokenPrompts:
-    """Prompts without a tokenizer: each human turn is ``question_tokens`` random ids in [1000, vocab - 1000)."""
+    """Prompts without a tokenizer: each human turn is ``question_tokens`` random ids in ``sc.token_id_range``."""
 
     def __init__(self, n_users: int, vocab_size: int, question_tokens: int, seed: int = 0):
         import random
@@ -109,8 +109,8 @@ class TokenPrompts:
         self.history: list[list[int]] = [[] for _ in range(n_users)]
 
     def prompt(self, user: int, turn: int) -> list[int]:
-        hi = max(1001, self.vocab_size - 1000)
-        self.history[user] += [self.rng.randrange(1000, hi) for _ in range(self.question_tokens)]
+        lo, hi = sc.token_id_range(self.vocab_size)
+        self.history[user] += [self.rng.randrange(lo, hi) for _ in range(self.question_tokens)]
         return list(self.history[user])
 
     def answer(self, user: int, ids: list[int]) -> None:

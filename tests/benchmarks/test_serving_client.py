@@ -1,13 +1,15 @@
-"""The serving benchmarks (serve_multiturn.py, throughput.py) end to end against a fake SGLang server, on a CPU.
+"""The serving benchmarks (serve_multiturn.py, throughput.py, serve_agreement.py) end to end against a fake SGLang
+server, on a CPU.
 
 The fake server (``FakeSGLang``, a stdlib ``ThreadingHTTPServer``) answers like sglang 0.5.17: ``/health``,
-``/health_generate``, ``/server_info``, ``/flush_cache``, streaming ``/generate`` (SSE chunks with cumulative
-``output_ids`` and a ``meta_info`` carrying ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and
-``cached_tokens_details``, then ``data: [DONE]``) and ``/metrics`` (``sglang:kv_*`` and, as a kvtc server,
-``sglang:kvtc_*`` gauges). Its prefix cache is a token-budgeted LRU of sequences plus a second tier of evicted
-sequences (the "host"/"compressed" part of a hit). Run as ``python test_serving_client.py --fake-server -m
-sglang.launch_server --port P ...`` it stands in for a launched server (the launcher tests point ``--python`` at a
-wrapper that does this).
+``/health_generate``, ``/server_info``, ``/flush_cache``, ``/generate`` (with ``"stream": true``: SSE chunks with
+cumulative ``output_ids`` and a ``meta_info`` carrying ``prompt_tokens``, ``completion_tokens``, ``cached_tokens`` and
+``cached_tokens_details``, then ``data: [DONE]``; without it: one JSON object with ``output_ids`` and that
+``meta_info``, plus ``output_token_logprobs`` rows ``[logprob, token_id, None]`` when ``return_logprob`` is set) and
+``/metrics`` (``sglang:kv_*`` and, as a kvtc server, ``sglang:kvtc_*`` gauges). Its prefix cache is a token-budgeted
+LRU of sequences plus a second tier of evicted sequences (the "host"/"compressed" part of a hit). Run as ``python
+test_serving_client.py --fake-server -m sglang.launch_server --port P ...`` it stands in for a launched server (the
+launcher tests point ``--python`` at a wrapper that does this).
 """
 
 from __future__ import annotations
@@ -49,14 +51,20 @@ class FakeSGLang:
     pool_tokens: device tier capacity (tokens of whole cached sequences, LRU).
     label: "radix" (evicted sequences are gone), "kvtc" or "hicache" (evicted sequences move to a second tier whose
         hits are reported as ``cached_tokens_details["host"]``; kvtc also exports ``sglang:kvtc_*`` gauges).
-    fail_over: prompts longer than this are aborted (an sglang-style error chunk), to exercise error accounting.
+    fail_over: prompts longer than this are aborted (streaming: an sglang-style error chunk; non-streaming: HTTP 400
+        with an ``{"error": ...}`` body), to exercise error accounting.
+    diverge_on_restore_at: when a request's prefix hit reached the second tier (``host`` > 0), the output token at
+        this index differs from the deterministic answer (a compressed tier that changed the greedy answer).
+
+    Answers are deterministic: token i of the answer to a prompt of n tokens is ``(7 n + 3 i) % (vocab - 1) + 1``
+    (``answer_ids``), its logprob ``-(id % 50 + 1) / 100`` (``logprob_of``).
     """
 
     def __init__(self, *, pool_tokens=4096, label="radix", metrics=True, vocab=1000, fail_over=None,
-                 ttft_base=0.002, per_token=2e-6, per_output=2e-4, model_path="fake-model"):
+                 ttft_base=0.002, per_token=2e-6, per_output=2e-4, model_path="fake-model", diverge_on_restore_at=None):
         self.pool_tokens, self.label, self.metrics_on, self.vocab = pool_tokens, label, metrics, vocab
         self.fail_over, self.ttft_base, self.per_token, self.per_output = fail_over, ttft_base, per_token, per_output
-        self.model_path = model_path
+        self.model_path, self.diverge_on_restore_at = model_path, diverge_on_restore_at
         self.device: OrderedDict = OrderedDict()
         self.cold: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
@@ -64,6 +72,18 @@ class FakeSGLang:
         self.counters = {"decompress_count": 0, "integrity_failures": 0}
         self.flushes = 0
         self.httpd = None
+
+    # answers ----------------------------------------------------------------------------------------------------
+    def answer_ids(self, n_prompt: int, n_out: int, host: int = 0) -> list[int]:
+        out = [(n_prompt * 7 + 3 * i) % (self.vocab - 1) + 1 for i in range(n_out)]
+        k = self.diverge_on_restore_at
+        if host and k is not None and k < n_out:
+            out[k] = out[k] % (self.vocab - 1) + 1  # another id in [1, vocab)
+        return out
+
+    @staticmethod
+    def logprob_of(token_id: int) -> float:
+        return -((token_id % 50) + 1) / 100
 
     # cache ------------------------------------------------------------------------------------------------------
     def lookup(self, ids):
@@ -156,7 +176,10 @@ class FakeSGLang:
                     return self._json(404, {"detail": "Not Found"})
                 ids = list(body["input_ids"])
                 sp = body.get("sampling_params", {})
-                fake.received.append({"input_ids": ids, "sampling_params": sp, "stream": body.get("stream")})
+                fake.received.append({"input_ids": ids, "sampling_params": sp, "stream": body.get("stream"),
+                                      "return_logprob": body.get("return_logprob")})
+                if not body.get("stream"):
+                    return self._generate_once(ids, sp, bool(body.get("return_logprob")))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
@@ -168,9 +191,10 @@ class FakeSGLang:
                 cached = dev + host
                 time.sleep(fake.ttft_base + fake.per_token * (len(ids) - cached) + fake.per_token / 10 * host)
                 n = int(sp.get("max_new_tokens", 16))
+                answer = fake.answer_ids(len(ids), n, host)
                 out = []
                 for i in range(n):
-                    out.append((len(ids) * 7 + 3 * i) % (fake.vocab - 1) + 1)
+                    out.append(answer[i])
                     meta = {"id": "r", "finish_reason": {"type": "length", "length": n} if i == n - 1 else None,
                             "prompt_tokens": len(ids), "completion_tokens": len(out), "cached_tokens": cached}
                     if cached:
@@ -181,6 +205,25 @@ class FakeSGLang:
                     if i < n - 1:
                         time.sleep(fake.per_output)
                 self.wfile.write(b"data: [DONE]\n\n")
+                fake.insert(ids + out[:-1])
+
+            def _generate_once(self, ids, sp, return_logprob):
+                """Non-streaming /generate: one JSON object (sglang's shape for ``"stream": false``)."""
+                if fake.fail_over is not None and len(ids) > fake.fail_over:
+                    return self._json(400, {"error": {"message": f"input too long ({len(ids)})"}})
+                dev, host = fake.lookup(ids)
+                cached = dev + host
+                n = int(sp.get("max_new_tokens", 16))
+                time.sleep(fake.ttft_base + fake.per_token * (len(ids) - cached) + fake.per_token / 10 * host
+                           + fake.per_output * max(0, n - 1))
+                out = fake.answer_ids(len(ids), n, host)
+                meta = {"id": "r", "finish_reason": {"type": "length", "length": n}, "prompt_tokens": len(ids),
+                        "completion_tokens": n, "cached_tokens": cached}
+                if cached:
+                    meta["cached_tokens_details"] = {"device": dev, "host": host}
+                if return_logprob:
+                    meta["output_token_logprobs"] = [[fake.logprob_of(t), t, None] for t in out]
+                self._json(200, {"text": "", "output_ids": out, "meta_info": meta})
                 fake.insert(ids + out[:-1])
 
         return Handler
@@ -238,6 +281,7 @@ import asyncio  # noqa: E402
 
 import pytest  # noqa: E402
 
+import serve_agreement as sa  # noqa: E402
 import serve_multiturn as smt  # noqa: E402
 import serving_common as sc  # noqa: E402
 import throughput as tp  # noqa: E402
@@ -594,6 +638,123 @@ def test_throughput_url_mode(fake, tmp_path):
     assert row["hit_rate"] > 0 and "| config | model | working set |" in (out / "throughput.md").read_text()
 
 
+# --- serve_agreement.py: kvtc vs radix answers, by URL -------------------------------------------------------------
+
+Q, O, USERS, TURNS, POOL = 16, 8, 4, 3, 100  # turn 1 fits the pool (4 x 23 tokens), turn 2 overflows it
+
+
+@pytest.fixture
+def no_flush_wait(monkeypatch):
+    """serve_agreement.main waits 2 s after /flush_cache; skip that wait (only in that module)."""
+    import types
+
+    monkeypatch.setattr(sa, "time", types.SimpleNamespace(time=time.time, perf_counter=time.perf_counter,
+                                                          sleep=lambda s: None))
+
+
+def _agreement(ref_url, test_url, model, out, tag="t"):
+    """serve_agreement.main by URL on random-id turns; ``model`` needs a vocab > 2000 (ids come from
+    [1000, vocab - 1000))."""
+    rc = sa.main(["--ref-url", ref_url, "--test-url", test_url, "--model-path", str(model), "--tokenizer", "none",
+                  "--question-tokens", str(Q), "--users", str(USERS), "--turns", str(TURNS), "--output-len", str(O),
+                  "--request-timeout", "30", "--tag", tag, "--out-dir", str(out)])
+    return rc, json.loads((out / f"serving_agreement_{tag}.json").read_text())
+
+
+def _check_history(server, ref_answer):
+    """Every user's next prompt is its previous prompt + the reference answer + Q new ids (round-robin order)."""
+    prompts = [r["input_ids"] for r in server.received]
+    assert len(prompts) == USERS * TURNS
+    for u in range(USERS):
+        mine = prompts[u::USERS]
+        assert len(mine[0]) == Q
+        for a, b in zip(mine, mine[1:]):
+            assert b[:len(a) + O] == a + ref_answer(len(a)) and len(b) == len(a) + O + Q
+    assert len({tuple(p[:Q]) for p in prompts[:USERS]}) == USERS  # users' first turns differ
+
+
+def test_agreement_identical_servers_agree_on_every_turn_and_restored_rows_are_counted(fake, tmp_path, no_flush_wait):
+    ref, ref_url = fake(pool_tokens=100000, label="radix")
+    test, test_url = fake(pool_tokens=POOL, label="kvtc")
+    out = tmp_path / "res"
+    rc, rep = _agreement(ref_url, test_url, _model_dir(tmp_path, vocab_size=32000), out, tag="same")
+    assert rc == 0 and rep["request_errors"] == 0
+    assert (out / "serving_agreement_same.md").is_file() and not (out / "serving_agreement.json").exists()
+    rows = rep["rows"]
+    assert len(rows) == USERS * TURNS
+    assert [(r["user"], r["turn"]) for r in rows] == [(u, t) for t in range(1, TURNS + 1) for u in range(USERS)]
+    for r in rows:
+        assert r["prompt_tokens"] == r["turn"] * Q + (r["turn"] - 1) * O  # history carries the reference answer
+        assert r["identical"] and r["first_divergence"] == O and r["output_tokens"] == O
+        assert r["agreement_before_divergence"] == 1.0 and r["mean_abs_logprob_diff"] == 0.0
+    # both servers got the same prompts; each turn extends the last by the reference answer
+    assert [r["input_ids"] for r in ref.received] == [r["input_ids"] for r in test.received]
+    assert all(r["return_logprob"] and not r["stream"] and r["sampling_params"] == {"temperature": 0.0,
+                                                                                    "max_new_tokens": O}
+               for r in ref.received + test.received)
+    _check_history(ref, lambda n: ref.answer_ids(n, O))
+    restored = [r for r in rows if r["test_restored"] > 0]
+    assert restored and all(r["turn"] > 1 for r in restored)  # users evicted from the small pool came back
+    # ... while a returning user still in the pool hit the device tier only
+    assert any(r["turn"] > 1 and r["test_cached"] > 0 and r["test_restored"] == 0 for r in rows)
+    assert all(r["test_cached"] >= r["test_restored"] for r in rows)
+    assert all(r["ref_cached"] > 0 for r in rows if r["turn"] > 1)  # the big radix pool kept everyone
+    s = rep["summary"]
+    assert s["first_turns"]["requests"] == USERS and s["returning_turns"]["requests"] == USERS * (TURNS - 1)
+    assert s["returning_with_restore"]["requests"] == len(restored)
+    assert s["returning_with_restore"]["restored_tokens"] == sum(r["test_restored"] for r in restored)
+    for part in s.values():
+        assert part["identical_rate"] == 1.0 and part["agreement_before_divergence"] == 1.0
+    assert test.flushes == 1 and ref.flushes == 0  # only the test server is flushed at the end
+    assert rep["after_flush"]["flush_ok"] and rep["after_flush"]["kvtc"]["realized_ratio"] == 17.5
+    assert "| returning_with_restore |" in (out / "serving_agreement_same.md").read_text()
+
+
+def test_agreement_answers_that_diverge_after_a_restore(fake, tmp_path, no_flush_wait):
+    ref, ref_url = fake(pool_tokens=100000, label="radix")
+    test, test_url = fake(pool_tokens=POOL, label="kvtc", diverge_on_restore_at=2)
+    out = tmp_path / "res"
+    rc, rep = _agreement(ref_url, test_url, _model_dir(tmp_path, vocab_size=32000), out, tag="div")
+    assert rc == 0 and rep["request_errors"] == 0
+    rows = rep["rows"]
+    restored = [r for r in rows if r["test_restored"] > 0]
+    device_only = [r for r in rows if r["turn"] > 1 and r["test_cached"] > 0 and r["test_restored"] == 0]
+    assert restored and device_only  # only the restored ones diverge
+    for r in rows:
+        if r["test_restored"] > 0:
+            assert not r["identical"] and r["first_divergence"] == 2
+            assert r["agreement_before_divergence"] == pytest.approx(2 / O)
+        else:
+            assert r["identical"] and r["first_divergence"] == O
+        assert r["mean_abs_logprob_diff"] == 0.0  # the tokens before the divergence agree
+    assert all(r["identical"] for r in rows if r["turn"] == 1)
+    s = rep["summary"]
+    assert s["first_turns"]["identical_rate"] == 1.0
+    assert s["returning_with_restore"]["identical_rate"] == 0.0
+    assert s["returning_with_restore"]["agreement_before_divergence"] == pytest.approx(2 / O)
+    assert s["returning_turns"]["identical_rate"] == pytest.approx(
+        1 - len(restored) / s["returning_turns"]["requests"])
+    # the next turn carries the reference answer, not the diverged one
+    assert [r["input_ids"] for r in ref.received] == [r["input_ids"] for r in test.received]
+    _check_history(ref, lambda n: ref.answer_ids(n, O))
+
+
+def test_agreement_request_errors_give_exit_code_1(fake, tmp_path, no_flush_wait):
+    ref, ref_url = fake(pool_tokens=100000, label="radix")
+    test, test_url = fake(pool_tokens=POOL, label="kvtc", fail_over=Q)  # every returning turn fails on the test server
+    out = tmp_path / "res"
+    rc, rep = _agreement(ref_url, test_url, _model_dir(tmp_path, vocab_size=32000), out, tag="err")
+    assert rc == 1
+    assert rep["request_errors"] == USERS * (TURNS - 1)
+    assert [(r["user"], r["turn"]) for r in rep["rows"]] == [(u, 1) for u in range(USERS)]
+    assert all(r["identical"] for r in rep["rows"])
+    assert rep["summary"]["returning_turns"] == {"requests": 0}
+    # a failed turn adds no answer to the history: the next prompt only grows by the question
+    lens = [len(r["input_ids"]) for r in test.received]
+    assert lens == [Q] * USERS + [2 * Q + O] * USERS + [3 * Q + O] * USERS
+    assert f"Request errors: {USERS * (TURNS - 1)}." in (out / "serving_agreement_err.md").read_text()
+
+
 # --- launcher -----------------------------------------------------------------------------------------------------
 
 def _plan(config, tmp_path, **kw):
@@ -743,7 +904,7 @@ def test_launch_mode_reports_a_config_that_fails_to_start_and_goes_on(tmp_path, 
 def test_scripts_do_not_import_torch():
     import subprocess
 
-    code = ("import sys; sys.path[:0] = [%r, %r]; import serve_multiturn, throughput; "
+    code = ("import sys; sys.path[:0] = [%r, %r]; import serve_multiturn, throughput, serve_agreement; "
             "print('torch' in sys.modules)") % (str(BENCH), str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
