@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ class ChatPrompts:
     def __init__(self, tokenizer, n_users: int, n_turns: int):
         self.tokenizer = tokenizer
         self.convs = conversations(n_users, n_turns)
+        self.users = len(self.convs)
         self.history: list[list[dict]] = [[] for _ in self.convs]
 
     def prompt(self, user: int, turn: int) -> list[int]:
@@ -101,11 +103,9 @@ class TokenPrompts:
     """Prompts without a tokenizer: each human turn is ``question_tokens`` random ids in ``sc.token_id_range``."""
 
     def __init__(self, n_users: int, vocab_size: int, question_tokens: int, seed: int = 0):
-        import random
-
         self.rng = random.Random(seed)
         self.vocab_size, self.question_tokens = int(vocab_size), int(question_tokens)
-        self.convs = [None] * n_users
+        self.users = n_users
         self.history: list[list[int]] = [[] for _ in range(n_users)]
 
     def prompt(self, user: int, turn: int) -> list[int]:
@@ -121,7 +121,7 @@ def run(ref_url: str, test_url: str, prompts, args) -> dict:
     rows = []
     errors = 0
     for turn in range(args.turns):
-        for u in range(len(prompts.convs)):
+        for u in range(prompts.users):
             ids = prompts.prompt(u, turn)
             try:
                 ref = generate(ref_url, ids, args.output_len, args.request_timeout)

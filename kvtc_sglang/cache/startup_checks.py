@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS, KVTCOptions
-from kvtc_sglang.codec.artifact import rank_artifact_path
+from kvtc_sglang.codec.artifact import rank_artifact_path, rank_dir_name
 from kvtc_sglang.codec.errors import CalibrationMismatchError
 
 logger = logging.getLogger(__name__)
@@ -392,8 +392,8 @@ def require_calibration(options: KVTCOptions, model_path: str | None = None, tp_
         try:
             paths.append(resolve_card_path(rank_artifact_path(options.calibration, tp_size, rank)))
         except CalibrationCardError:
-            where = f" for TP rank {rank} of {tp_size} (expected {CARD_FILENAME} in tp{tp_size}-rank{rank}/ there, " \
-                    f"or in the directory itself)" if tp_size > 1 else \
+            where = f" for TP rank {rank} of {tp_size} (expected {CARD_FILENAME} in {rank_dir_name(tp_size, rank)}/ " \
+                    f"there, or in the directory itself)" if tp_size > 1 else \
                     f" (expected a directory holding {CARD_FILENAME}, or the card file)"
             raise CalibrationCardError(
                 f"--kvtc-calibration {options.calibration}: no KVTC calibration card there{where}. Make one with "

@@ -653,8 +653,7 @@ def no_flush_wait(monkeypatch):
 
 
 def _agreement(ref_url, test_url, model, out, tag="t"):
-    """serve_agreement.main by URL on random-id turns; ``model`` needs a vocab > 2000 (ids come from
-    [1000, vocab - 1000))."""
+    """serve_agreement.main by URL on random-id turns (ids from ``sc.token_id_range`` of the model's vocab)."""
     rc = sa.main(["--ref-url", ref_url, "--test-url", test_url, "--model-path", str(model), "--tokenizer", "none",
                   "--question-tokens", str(Q), "--users", str(USERS), "--turns", str(TURNS), "--output-len", str(O),
                   "--request-timeout", "30", "--tag", tag, "--out-dir", str(out)])
