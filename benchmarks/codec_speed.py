@@ -27,12 +27,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from kvtc_sglang.eval.provenance import git_commit, pyplot_or_none
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = dict(model="llama-3.1-8b-synthetic", L=32, H=8, D=128, params=8.03e9, n_q_heads=32)
@@ -73,7 +74,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.gpu = torch.cuda.get_device_name() if self.cuda else "cpu"
-        self.commit = args.commit or os.environ.get("KVTC_COMMIT") or _git_commit()
+        self.commit = args.commit or git_commit()
 
     # -------------------------------------------------------------- utilities
     def elapsed(self) -> float:
@@ -130,14 +131,6 @@ class Bench:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ------------------------------------------------------------------ baselines
@@ -414,12 +407,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict = {}

@@ -32,20 +32,17 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serving_common as sc  # noqa: E402
 
+from kvtc_sglang.eval.agreement import first_divergence  # noqa: E402  (stdlib only)
+from kvtc_sglang.eval.conversations import read_mt_bench, read_sharegpt  # noqa: E402  (stdlib only)
+
 HERE = Path(__file__).resolve().parent
 
 
 def conversations(n_users: int, n_turns: int) -> list[list[str]]:
     """Human turns: MT-bench two-turn questions, then real ShareGPT conversations for more turns."""
-    mt = [json.loads(line)["turns"] for line in (HERE / "data" / "mt_bench_question.jsonl").read_text().splitlines() if line.strip()]
-    share = json.loads((HERE / "data" / "dialogstudio_sharegpt_original_example.json").read_text())
-    sg = []
-    for conv in share if isinstance(share, list) else share.get("data", []):
-        turns = conv.get("conversations") or conv.get("log") or []
-        humans = [t.get("value") or t.get("user utterance") for t in turns if t.get("from", "human") in ("human", "user")]
-        humans = [h for h in humans if h]
-        if len(humans) >= n_turns:
-            sg.append(humans)
+    mt = [c.user_turns for c in read_mt_bench(HERE / "data" / "mt_bench_question.jsonl")]
+    sg = [c.user_turns for c in read_sharegpt(HERE / "data" / "dialogstudio_sharegpt_original_example.json")
+          if len(c.user_turns) >= n_turns]
     pool = ([c for c in sg] if n_turns > 2 else []) + [t for t in mt if len(t) >= min(n_turns, 2)]
     out = []
     for conv in pool:
@@ -69,13 +66,6 @@ def generate(url: str, input_ids: list[int], max_new: int, timeout: float) -> di
     ids = out.get("output_ids") or [row[1] for row in meta.get("output_token_logprobs") or []]
     return {"ids": list(ids), "logprobs": lps, "cached": cached, "device": device, "host": host,
             "seconds": time.perf_counter() - t0}
-
-
-def first_divergence(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b)) if len(a) != len(b) else len(a)
 
 
 class ChatPrompts:

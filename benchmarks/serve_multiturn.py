@@ -53,6 +53,8 @@ from pathlib import Path
 
 import serving_common as sc
 
+from kvtc_sglang.eval.conversations import read_mt_bench, read_sharegpt
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 KEY = ("config", "model", "workload", "working_set_tokens")
@@ -218,19 +220,14 @@ class Workload:
         return shared + sum(per_user)
 
 
-def _human_turns(conv: dict) -> list[str]:
-    return [m["value"] for m in conv.get("conversations", []) if m.get("from") in ("human", "user")]
-
-
 def load_chats(workload: str, num_users: int, max_turns: int) -> list[list[str]]:
     """The human turns of ``num_users`` conversations of the data set."""
     if workload == "mtbench":
-        rows = [json.loads(line) for line in (DATA / "mt_bench_question.jsonl").read_text().splitlines() if line]
-        chats = [r["turns"][:2] for r in rows]
+        chats = [c.user_turns for c in read_mt_bench(DATA / "mt_bench_question.jsonl", turns=2)]
     else:
         chats = []
         for name in ("dialogstudio_sharegpt_original_example.json", "fastchat_dummy_conversation.json"):
-            chats += [t[:max_turns] for t in map(_human_turns, json.loads((DATA / name).read_text())) if t]
+            chats += [c.user_turns for c in read_sharegpt(DATA / name, turns=max_turns) if c.user_turns]
     if num_users > len(chats):
         print(f"note: {workload} has {len(chats)} conversations; using all of them (asked for {num_users})")
     return chats[:num_users]

@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvtc_sglang.cache.options import KVTCOptions, is_fraction, parse_bytes  # noqa: E402  (light: stdlib only)
+from kvtc_sglang.eval.provenance import git_commit, gpu_name, pyplot_or_none  # noqa: E402,F401  (stdlib only)
 
 BASE_CONFIGS = ("radix", "kvtc", "hicache")
 NOPRESSURE = "-nopressure"
@@ -1133,50 +1134,6 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> 
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k)) for _, k in columns) + " |")
     return "\n".join(lines)
-
-
-def gpu_name() -> str:
-    """The first GPU's name from nvidia-smi (no torch import), else "cpu"."""
-    if os.environ.get("KVTC_GPU"):
-        return os.environ["KVTC_GPU"]
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "cpu"
-
-
-def git_commit() -> str:
-    """``$KVTC_COMMIT`` (set by the GPU-box scripts), else the checkout's short HEAD (+ "-dirty"), else "unknown"."""
-    if os.environ.get("KVTC_COMMIT"):
-        return os.environ["KVTC_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def pyplot_or_none():
-    """matplotlib.pyplot with the Agg backend, or None (with a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt
-    except ImportError:
-        print("matplotlib not installed: plots skipped (pip install matplotlib)")
-        return None
 
 
 def progress(total: int, desc: str):

@@ -61,7 +61,7 @@ def _default_text() -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from kvtc_sglang.eval.accuracy import EvalSettings, eval_windows, evaluate, format_table
-    from kvtc_sglang.eval.machine import machine_description
+    from kvtc_sglang.eval.provenance import machine_description
     from kvtc_sglang.models.smollm2 import load_model
 
     model, tok = load_model(args.model)
