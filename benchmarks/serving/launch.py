@@ -85,6 +85,6 @@ def format_dry_run(plans: Sequence[LaunchPlan]) -> str:
     """The exact launch command and capacity model of each config, one block per config."""
     out = []
     for p in plans:
-        out.append(f"# {p.config}: " + "; ".join(p.notes))
+        out.append("# " + "; ".join(p.notes))
         out.append(p.shell)
     return "\n".join(out)

@@ -2,7 +2,7 @@
 plan of server runs (configs interleaved in random order, one server at a time).
 
 * ``h200-first-slice``: one H200 within ~40 minutes of box time: radix, fp8, hicache2, kvtc16 on workload (a) at
-  x in {1.5, 2.5, 3.5} and 0.7 x radix's saturation rate, one repeat, 20 s warm-up + 90 s windows, the break-even
+  x in {1.5, 2.5, 3.5} and 0.7 x radix's saturation rate, one repeat, 20 s warm-up + 75 s windows, the break-even
   probe per config. Fewer than 1,000 returning turns per point: its p99s are flagged unreliable.
 * ``h200-full``: the sweep: every config (plus the flashinfer table), every workload, x in {1, 1.5, 2, 2.5, 3, 3.5,
   4, 6} at 0.7 x saturation, rates 0.5/0.7/0.9 x saturation at x in {1.5, 2.5, 4}, 3 repeats, 60 s warm-up +
@@ -72,12 +72,13 @@ _GSP_H200 = dict(prompts_per_group=16, system_prompt_len=4096, question_len=256,
 _DOCS_H200 = dict(doc_tokens=2048, rounds=4, output_len=64, think_mean_s=5.0)
 _LDQA_H200 = dict(doc_tokens=16384, question_tokens=64, output_len=64, repeat_mode="random")
 _CYC_H200 = dict(history_tokens=2048, rounds=3, question_tokens=128, output_len=64, system_tokens=1024)
-_H200_COMMON = ("--load-format", "dummy", "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "64")
+_H200_COMMON = ("--load-format", "dummy", "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "32")
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("h200-first-slice", budget_tokens=65536, configs=("radix", "fp8", "hicache2", "kvtc16"),
-            workloads={"multiturn": WorkloadPlan(_MT_H200, xs=(1.5, 2.5, 3.5))}, warmup_s=20.0, measure_s=90.0,
-            common_args=_H200_COMMON, saturation_window=(15.0, 45.0), breakeven_lengths=(1024, 4096, 16384)),
+            workloads={"multiturn": WorkloadPlan(_MT_H200, xs=(1.5, 2.5, 3.5))}, warmup_s=20.0, measure_s=75.0,
+            common_args=_H200_COMMON, max_parallel_cap=32, saturation_window=(15.0, 40.0),
+            breakeven_lengths=(1024, 4096, 16384)),
     Profile("h200-full", budget_tokens=65536,
             configs=("radix", "fp8", "fp4", "hicache2", "hicache8", "kvtc8", "kvtc16", "kvtc32", "unlimited",
                      "radix@flashinfer", "kvtc16@flashinfer"),
@@ -88,7 +89,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
                 "chat-docs": WorkloadPlan(_DOCS_H200, xs=(1.5, 2.5, 4)),
                 "long-doc-qa": WorkloadPlan(_LDQA_H200, xs=(1.5, 2.5, 4)),
                 "cyclic": WorkloadPlan(_CYC_H200, xs=(2.5,)),
-            }, warmup_s=60.0, measure_s=300.0, repeats=3, common_args=_H200_COMMON,
+            }, warmup_s=60.0, measure_s=300.0, repeats=3, common_args=_H200_COMMON, max_parallel_cap=32,
             breakeven_lengths=(512, 1024, 2048, 4096, 8192, 16384, 32768)),
     Profile("ci", budget_tokens=2048,
             configs=("radix", "fp8", "fp4", "hicache2", "kvtc16", "unlimited"),

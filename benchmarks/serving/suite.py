@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--saturation", type=float, help="saturation rate (req/s) of every workload instead of the "
                                                      "probe's")
     ap.add_argument("--no-breakeven", action="store_true")
+    ap.add_argument("--skip-done", action="store_true", help="skip server runs whose every point already has a row "
+                                                             "of this commit in --out-dir (resume an interrupted run)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--out-dir", help=f"results folder (default {RESULTS})")
     ap.add_argument("--url", help="a running server instead of launching (one config: --config-label)")
@@ -78,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=30000, help="first port tried for launched servers")
     ap.add_argument("--health-timeout", type=float, default=900.0)
     ap.add_argument("--dry-run", action="store_true", help="print every config's launch command and the plan")
+    ap.add_argument("--print-order", action="store_true", help="print the planned server runs' configs, one a line "
+                                                               "(the GPU script runs them one stage each)")
     ap.add_argument("--report-only", action="store_true", help="rebuild serving.md and the plots from the rows")
     args = ap.parse_args(argv)
     if not args.report_only and not args.model_path:
@@ -317,6 +321,9 @@ class Suite:
         failures = []
         for run in plan_runs(self.profile):
             name = f"{run.config} (repeat {run.repeat})"
+            if self.args.skip_done and self.done(run):
+                self.log(f"[{name}] already measured at commit {self.commit}: skipped")
+                continue
             if self.args.url:
                 asyncio.run(self.run_server(self.args.url, run, None))
                 continue
@@ -344,6 +351,17 @@ class Suite:
             self.write_report(plots=False)
         self.write_report(plots=not self.args.no_plots)
         return failures
+
+    def done(self, run: ServerRun) -> bool:
+        """Every point of ``run`` has a row of this commit (and its break-even rows, on repeat 0)."""
+        have = {(r["workload"], r["working_set_x"], r["rate_fraction"], r["repeat"])
+                for r in report.load_rows(self.out / "serving.json")
+                if r.get("config") == run.config and r.get("commit") == self.commit}
+        need = {(p.workload, p.x, p.rate_fraction, p.repeat) for p in run.points}
+        probe = (self.args.no_breakeven or run.repeat > 0 or any(
+            b.get("config") == run.config and b.get("commit") == self.commit
+            for b in report.load_rows(self.out / "serving_breakeven.json")))
+        return need <= have and probe
 
     def write_report(self, plots: bool) -> None:
         write_report(self.out, decisive_x=self.profile.decisive_x, plots=plots)
@@ -373,10 +391,13 @@ def main(argv=None) -> int:
     if model is None:
         raise SystemExit(f"--model-path {args.model_path}: no config.json there")
     try:
-        plans = {} if args.url else make_plans(profile, model, args)
+        plans = {} if args.url or args.print_order else make_plans(profile, model, args)
     except ValueError as exc:
         raise SystemExit(f"cannot build the launch commands: {exc}") from None
     runs = plan_runs(profile)
+    if args.print_order:
+        print("\n".join(dict.fromkeys(r.config for r in runs)))
+        return 0
     if args.dry_run:
         print(format_dry_run(list(plans.values())) if plans else f"# running server {args.url}")
         print(describe_plan(profile, runs))
