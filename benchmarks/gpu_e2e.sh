@@ -23,7 +23,9 @@
 # State, results and logs live under $KVTC_E2E (default /tmp/kvtc_e2e)/PROFILE: a stage that finished leaves
 # stages/NAME.done and is not run again. Every command ends by bundling results, logs and progress into
 # $OUT/kvtc_e2e_PROFILE.tar.gz and $OUT/progress.log (two files). Record the commit: KVTC_COMMIT=<sha> in the
-# environment (the box's copy of the checkout has no .git).
+# environment (the box's copy of the checkout has no .git). For tests: KVTC_E2E_PYTHON (python running the suite,
+# default python3), KVTC_E2E_SERVER_PYTHON (python running the servers), KVTC_E2E_SUITE_PROFILE (default
+# h200-PROFILE) and KVTC_E2E_SUITE_ARGS (extra suite arguments).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:?usage: gpu_e2e.sh first-slice|full start|wait [S]|stage NAME|status|bundle}
@@ -40,11 +42,13 @@ STAGES="setup capture calibrate serve report"
 mkdir -p "$W/stages" "$R" "$LOGS" "$OUT"
 export PYTHONUNBUFFERED=1 KVTC_COMMIT=${KVTC_COMMIT:-$(cat "$W/commit" 2>/dev/null || echo unknown)}
 echo "$KVTC_COMMIT" > "$W/commit"
-PY=python3
+PY=${KVTC_E2E_PYTHON:-python3}
+SERVER_PY=${KVTC_E2E_SERVER_PYTHON:-$PY}
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$W/progress.log"; }
 kits() {  # the SGLang kits in .devkit (the offline box), else an installed SGLang
-  if [ -f .devkit/stage.sh ]; then source .devkit/stage.sh; else $PY -c "import sglang" 2>/dev/null; fi
+  if [ -f .devkit/stage.sh ]; then source .devkit/stage.sh
+  else $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('sglang') is None)"; fi
 }
 
 stage_setup() {
@@ -95,8 +99,10 @@ stage_calibrate() {
 
 stage_serve() {
   kits
-  $PY -m benchmarks.serving --profile "h200-$PROFILE" --model-path "$LLAMA" --model-label llama-3.1-8b-dummy \
-    --kvtc-calibration "$ART" --python $PY --out-dir "$R" --skip-done > "$LOGS/serve_$(date +%H%M%S).log" 2>&1
+  # shellcheck disable=SC2086  # KVTC_E2E_SUITE_ARGS is a list of arguments
+  $PY -m benchmarks.serving --profile "${KVTC_E2E_SUITE_PROFILE:-h200-$PROFILE}" --model-path "$LLAMA" \
+    --model-label llama-3.1-8b-dummy --kvtc-calibration "$ART" --python "$SERVER_PY" --out-dir "$R" --skip-done \
+    ${KVTC_E2E_SUITE_ARGS:-} > "$LOGS/serve_$(date +%H%M%S).log" 2>&1
   local rc=$?
   log "serve: rc $rc; $(grep -c '"config"' "$R/serving.json" 2>/dev/null || echo 0) rows"
   return $rc

@@ -168,3 +168,40 @@ def test_a_server_that_exits_early_or_never_answers_is_stopped_with_its_log(tmp_
         server.wait_healthy(1.0)
     assert group_members(server.proc.pid) == []  # the child it spawned is gone too
     assert Path(tmp_path / "b.log").read_text().startswith("$ ")
+
+
+def test_gpu_script_serve_stage_resumes_and_bundles_two_files(tmp_path):
+    """benchmarks/gpu_e2e.sh's serve stage with the fake server: rows at the given commit, a second serve skips what
+    is measured, and $OUT receives the two bundle files."""
+    import os
+    import subprocess
+    import tarfile
+
+    root = Path(__file__).resolve().parents[2]
+    state = tmp_path / "e2e"
+    w = state / "first-slice"
+    (w / "stages").mkdir(parents=True)
+    for s in ("setup", "capture", "calibrate"):  # the GPU stages, as if done
+        (w / "stages" / f"{s}.done").touch()
+    model_dir(w, name="llama-3.1-8b-dummy")
+    out = tmp_path / "out"
+    env = {**os.environ, "KVTC_E2E": str(state), "OUT": str(out), "KVTC_COMMIT": "abc123", "KVTC_GPU": "fake-gpu",
+           "KVTC_E2E_PYTHON": sys.executable, "KVTC_E2E_SERVER_PYTHON": str(fake_python(tmp_path)),
+           "KVTC_E2E_SUITE_PROFILE": "ci", "PYTHONPATH": str(root),
+           "KVTC_E2E_SUITE_ARGS": "--configs radix --workloads multiturn --xs 1.5 --no-breakeven --no-plots "
+                                  f"--port {find_free_port('127.0.0.1', 39600)}"}
+    script = ["bash", str(root / "benchmarks" / "gpu_e2e.sh"), "first-slice"]
+    for _ in range(2):
+        (w / "stages" / "serve.done").unlink(missing_ok=True)
+        done = subprocess.run(script + ["stage", "serve"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((w / "results" / "serving.json").read_text())
+    assert sorted((r["config"], r["working_set_x"], r["rate_fraction"], r["commit"]) for r in rows) == [
+        ("radix", 1.5, 0.7, "abc123"), ("radix", 1.5, 0.9, "abc123")]
+    serve_logs = sorted((w / "logs").glob("serve_*.log"))
+    assert "already measured at commit abc123: skipped" in "".join(p.read_text() for p in serve_logs)
+    assert sorted(p.name for p in out.iterdir()) == ["kvtc_e2e_first-slice.tar.gz", "progress.log"]
+    with tarfile.open(out / "kvtc_e2e_first-slice.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"results/serving.json", "results/serving.md", "results/saturation.json", "progress.log", "commit"} <= set(
+        names)
