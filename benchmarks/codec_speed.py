@@ -223,7 +223,7 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
                raw_bytes: int, *, full: bool) -> None:
     from kvtc_sglang.codec.codec import KVTCCodec
     from kvtc_sglang.codec.entropy import NoEntropy
-    from kvtc_sglang.codec.pool_codec import PoolCodec
+    from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
     from kvtc_sglang.codec.triton import TritonPoolCodec
 
     n = enc_slots.numel()
@@ -285,7 +285,7 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
     codec.coder = NoEntropy()
 
     if full or b.have_time(60):
-        ref = PoolCodec(codec)
+        ref = ReferencePoolCodec(codec)
         reps = 1 if b.args.smoke else 3
         ms = b.time_ms(lambda: ref.encode_slots(kb, vb, enc_slots, start, 0, 0), repeats=reps)
         b.add(op="encode", impl="torch-reference", entropy="none+blob", ms=ms, ratio=ratio, **common)
@@ -339,7 +339,7 @@ def tune(b: Bench, art, ratio_key, kb, vb, enc_slots, dec_slots, start) -> None:
 
 def run_synthetic(b: Bench, model: dict) -> None:
     from kvtc_sglang.codec.rope import RopeConfig
-    from kvtc_sglang.codec.triton.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
+    from kvtc_sglang.testing.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
 
     L, H, D = model["L"], model["H"], model["D"]
     p, n = L * H * D, b.args.tokens
@@ -368,7 +368,7 @@ def run_synthetic(b: Bench, model: dict) -> None:
 
 def run_artifact(b: Bench, path: str) -> None:
     from kvtc_sglang.codec.artifact import load_artifact
-    from kvtc_sglang.codec.triton.synthetic import synthetic_kv
+    from kvtc_sglang.testing.synthetic import synthetic_kv
 
     try:
         art = load_artifact(path)

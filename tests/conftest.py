@@ -53,8 +53,13 @@ def one_torch_thread():
 
 # --- a quick real calibration of SmolLM2 (shared by every model-marked codec test) --------------------------------
 
-SMOLLM2_CALIBRATION = ["--tokens", "2048", "--seq-len", "512", "--ratios", "8", "32", "--layer-blocks", "3",
-                       "--dp-samples", "1024", "--weighting", "fisher", "--fisher-windows", "1", "--seed", "0", "--quiet"]
+def smollm2_calibration_settings():
+    """The quick calibration's settings: 4 windows of 512 tokens, 1024 DP samples, ratios 8 and 32, 3 layer blocks."""
+    from kvtc_sglang.codec.calibrate import CalibrationSettings
+    from kvtc_sglang.models.calibration import resolve_device
+
+    return CalibrationSettings(seq_len=512, max_tokens=2048, dp_samples=1024, ratios=(8, 32), layer_blocks=3, seed=0,
+                               progress=False, device=resolve_device("auto"))
 
 
 @pytest.fixture(scope="session")
@@ -66,21 +71,17 @@ def smollm2_calibration(smollm2, tmp_path_factory):
     eigendecomposition of a 5760 x 5760 covariance per kind (about a minute each on a 2-core CPU), 3 blocks take
     about a second each. Runs with one torch thread (about 30 s on a 2-core CPU).
     """
-    import argparse
-
     import torch
 
-    from kvtc_sglang.codec.calibrate_cli import add_arguments, default_corpus_paths, run_calibration
+    from kvtc_sglang.models.calibration import calibrate_model, default_corpus_paths
 
     model, tokenizer = smollm2
     out = tmp_path_factory.mktemp("smollm2-calibration")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)  # the CLI's own defaults for every option not set here
-    args = parser.parse_args(["--out", str(out), *SMOLLM2_CALIBRATION])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        (card,) = run_calibration(model, tokenizer, args, default_corpus_paths(), out)
+        (card,) = calibrate_model(model, tokenizer, default_corpus_paths(), smollm2_calibration_settings(), out,
+                                  weighting="fisher", fisher_windows=1)
     finally:
         torch.set_num_threads(threads)
     return card.parent

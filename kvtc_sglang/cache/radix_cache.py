@@ -64,7 +64,7 @@ from kvtc_sglang.cache.options import KVTCOptions, parse_bytes
 from kvtc_sglang.cache.store import DEFAULT_PAGE_BYTES, DEVICE, HOST, BlobHandle, CompressedStore, HostTier
 from kvtc_sglang.codec.codec import exact_token_counts
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
-from kvtc_sglang.codec.pool_codec import PoolCodec, make_pool_codec
+from kvtc_sglang.codec.interfaces import PoolCodec
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class KVTCRadixCache(compat.RadixCache):
 
     Args:
         params: sglang's ``CacheInitParams`` (allocator of an ``MHATokenToKVPool``, page_size, eviction_policy, ...).
-        pool_codec: the codec reading/writing this pool's rows (``PoolCodec`` or a kernel path with the same methods).
+        pool_codec: the codec reading/writing this pool's rows (a ``codec.interfaces.PoolCodec``).
         options: the KVTC options (sink/window tokens, min_compress_tokens, host_spill).
         store_budget_bytes: device bytes of the compressed store.
         host_budget_bytes: bytes of the host tier; None reads ``options.host_spill``; 0 disables it.
@@ -147,9 +147,9 @@ class KVTCRadixCache(compat.RadixCache):
         self._k_buffers = list(pool.k_buffer)
         self._v_buffers = list(pool.v_buffer)
         pool_shape = (len(self._k_buffers), int(self._k_buffers[0].shape[1]), int(self._k_buffers[0].shape[2]))
-        if pool_shape != tuple(pool_codec.codec.shape):
+        if pool_shape != tuple(pool_codec.shape):
             raise ShapeError(f"the KV pool holds [layers, heads, head_dim] = {list(pool_shape)} per token but the "
-                             f"codec's calibration is {list(pool_codec.codec.shape)}")
+                             f"codec's calibration is {list(pool_codec.shape)}")
         self._row_bytes = 2 * pool_shape[0] * pool_shape[1] * pool_shape[2] * self._k_buffers[0].element_size()
         pool_device = self._k_buffers[0].device
 
@@ -165,32 +165,6 @@ class KVTCRadixCache(compat.RadixCache):
             labels = dict(metric_labels or {"cache_type": type(self).__name__})
             exporter = PrometheusExporter.create(labels)
         self._stats_logger = StatsLogger(stats_interval_s, exporter)
-
-    @classmethod
-    def from_build_context(cls, ctx: Any, options: KVTCOptions) -> "KVTCRadixCache":
-        """Build the cache for sglang's ``TreeCacheBuildContext``: load the calibration, make the codec, size the store.
-
-        Raises CalibrationMismatchError when the artifact does not fit the pool (layers, KV heads per rank, head_dim,
-        TP layout), naming the command that makes a matching one.
-        """
-        from kvtc_sglang.cache.plugin import store_budget_bytes
-        from kvtc_sglang.cache.startup_checks import attention_tp
-        from kvtc_sglang.codec.artifact import check_artifact_matches, load_artifact, rank_artifact_path
-        from kvtc_sglang.codec.codec import KVTCCodec
-
-        params = ctx.params
-        pool = compat.kv_pool_of(params.token_to_kv_pool_allocator)
-        tp_size = attention_tp(ctx.server_args)
-        tp_rank = int(ctx.tp_rank) % tp_size
-        artifact = load_artifact(rank_artifact_path(options.calibration, tp_size, tp_rank))
-        check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
-                               head_dim=int(pool.head_dim), tp_size=tp_size, tp_rank=tp_rank)
-        device = pool.k_buffer[0].device
-        codec = KVTCCodec(artifact, int(options.ratio), device=device, entropy=options.entropy)
-        kv_dtype = pool.dtype if pool.k_buffer[0].dtype == torch.uint8 else None
-        group = params.tp_cache_group if params.tp_cache_group is not None else ctx.tp_group
-        return cls(params, make_pool_codec(codec, kv_dtype), options, store_budget_bytes(ctx, options),
-                   tp_group=group, metric_labels={"cache_type": cls.__name__, "tp_rank": str(ctx.tp_rank)})
 
     # ------------------------------------------------------------------------------------------------------------------
     # Agreement across TP ranks

@@ -76,28 +76,6 @@ def make_radix_cache(allocator: Any, max_context: int) -> Any:
     return compat.RadixCache(cache_init_params(allocator, max_context))
 
 
-def make_kvtc_cache(allocator: Any, artifact: Any, options: Any, max_context: int, *,
-                    host_budget_bytes: int = 0) -> Any:
-    """A ``KVTCRadixCache`` over ``allocator`` with the reference pool codec on the CPU.
-
-    The store budget is ``options.store_budget`` (bytes, or a fraction of the pool's bytes), on top of the pool.
-    Raises CalibrationMismatchError when the artifact does not fit the pool.
-    """
-    from kvtc_sglang.cache.options import parse_bytes
-    from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-    from kvtc_sglang.codec.artifact import check_artifact_matches
-    from kvtc_sglang.codec.codec import KVTCCodec
-    from kvtc_sglang.codec.pool_codec import PoolCodec
-
-    pool = compat.kv_pool_of(allocator)
-    check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
-                           head_dim=int(pool.head_dim), tp_size=1, tp_rank=0)
-    codec = KVTCCodec(artifact, int(options.ratio), device="cpu", entropy=options.entropy)
-    store_bytes = parse_bytes(options.store_budget, int(sum(pool.get_kv_size_bytes())), what="--kvtc-store-budget")
-    return KVTCRadixCache(cache_init_params(allocator, max_context), PoolCodec(codec), options, store_bytes,
-                          host_budget_bytes=host_budget_bytes, stats_interval_s=float("inf"))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------------------------------

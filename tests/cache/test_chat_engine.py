@@ -30,11 +30,12 @@ MIN_PREFIX_AGREEMENT = 0.25
 
 @pytest.fixture(scope="module")
 def lockstep_run(smollm2, smollm2_calibration):
+    from kvtc_sglang.cache.factory import make_kvtc_cache
     from kvtc_sglang.cache.options import KVTCOptions
     from kvtc_sglang.codec.artifact import load_artifact
-    from kvtc_sglang.eval.conversations import load_mt_bench
     from kvtc_sglang.eval.chat_engine import (
-        MiniEngine, make_kv_pool, make_kvtc_cache, make_radix_cache, run_lockstep)
+        MiniEngine, cache_init_params, make_kv_pool, make_radix_cache, run_lockstep)
+    from kvtc_sglang.eval.conversations import load_mt_bench
 
     model, tokenizer = smollm2
     threads = torch.get_num_threads()
@@ -43,7 +44,8 @@ def lockstep_run(smollm2, smollm2_calibration):
         options = KVTCOptions.from_values(kv_compress="kvtc", ratio=8, store_budget=str(8 << 20), sink_tokens=4,
                                           window_tokens=8, min_compress_tokens=8, entropy="deflate").validate()
         pool, allocator = make_kv_pool(model.config, POOL_TOKENS)
-        cache = make_kvtc_cache(allocator, load_artifact(smollm2_calibration), options, max_context=1024)
+        cache = make_kvtc_cache(cache_init_params(allocator, 1024), load_artifact(smollm2_calibration), options,
+                                host_budget_bytes=0, reference=True, stats_interval_s=float("inf"))
         ref_pool, ref_allocator = make_kv_pool(model.config, 2048)
         reference = MiniEngine(model, tokenizer, make_radix_cache(ref_allocator, 1024), ref_pool, ref_allocator)
         tested = MiniEngine(model, tokenizer, cache, pool, allocator)

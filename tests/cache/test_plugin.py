@@ -571,27 +571,24 @@ def kvtc_server_args(registered, model_dir, card_dir):
 def test_factory_is_reached_through_sglangs_routing(kvtc_server_args, monkeypatch):
     from sglang.srt.mem_cache.registry import create_tree_cache
 
+    from kvtc_sglang.cache import factory
+
     built = []
 
-    class FakeKVTCRadixCache:
-        @classmethod
-        def from_build_context(cls, ctx, options):
-            built.append((ctx, options))
-            return cls()
+    def fake_cache_for_rank(ctx, options, store_bytes):
+        built.append((ctx, options, store_bytes))
+        return "the cache"
 
-    module = types.ModuleType("kvtc_sglang.cache.radix_cache")
-    module.KVTCRadixCache = FakeKVTCRadixCache
-    monkeypatch.setitem(sys.modules, "kvtc_sglang.cache.radix_cache", module)
+    monkeypatch.setattr(factory, "kvtc_cache_for_rank", fake_cache_for_rank)
     ctx = build_context(kvtc_server_args)
-    cache = create_tree_cache(ctx)
-    assert isinstance(cache, FakeKVTCRadixCache)
-    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args))]
+    assert create_tree_cache(ctx) == "the cache"
     # No pool-sizing pass ran in this process: the budget is 0.25 of the pool as built.
     pool_bytes = 65 * 30 * 3 * 64 * 2 * 2
-    assert plugin.store_budget_bytes(ctx, built[0][1]) == pool_bytes // 4
+    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args), pool_bytes // 4)]
     plugin.record_reserved_store_bytes(0, 12345)
     try:
-        assert plugin.store_budget_bytes(ctx, built[0][1]) == 12345
+        create_tree_cache(ctx)
+        assert built[-1][2] == 12345  # the bytes the sizing hook carved out of this rank's pool
     finally:
         plugin._RESERVED_STORE_BYTES.clear()
 

@@ -655,9 +655,9 @@ def build_context(pool_allocator, page_size: int, **overrides):
     return compat.TreeCacheBuildContext(**fields)
 
 
-def test_from_build_context_builds_a_working_cache(artifact, tmp_path):
+def test_the_factory_builds_a_working_cache_from_a_build_context(artifact, tmp_path):
+    from kvtc_sglang.cache.factory import kvtc_cache_for_rank, store_budget_bytes
     from kvtc_sglang.cache.options import KVTCOptions
-    from kvtc_sglang.cache.radix_cache import KVTCRadixCache
     from kvtc_sglang.codec.errors import CalibrationMismatchError
 
     artifact.save(tmp_path / "card")
@@ -668,11 +668,12 @@ def test_from_build_context_builds_a_working_cache(artifact, tmp_path):
                                    device="cpu", enable_memory_saver=False, enable_alt_stream=False)
     allocator = compat.PagedTokenToKVPoolAllocator(size=64, page_size=4, dtype=torch.bfloat16, device="cpu",
                                                    kvcache=pool, need_sort=False)
-    cache = KVTCRadixCache.from_build_context(build_context((pool, allocator), 4), options)
+    ctx = build_context((pool, allocator), 4)
+    cache = kvtc_cache_for_rank(ctx, options, store_budget_bytes(ctx, options, None))
     pool_bytes = sum(pool.get_kv_size_bytes())
     assert cache.store.capacity_bytes == pool_bytes // 2 // 4096 * 4096
     assert cache.store.host_capacity_bytes == 64 << 10
-    assert cache.pool_codec.codec.shape == (2, 2, 16) and cache.pool_codec.kv_dtype is None
+    assert cache.pool_codec.shape == (2, 2, 16) and cache.pool_codec.kv_dtype is None
     slots = allocator.alloc(32)
     for layer in range(2):
         pool.k_buffer[layer][slots] = torch.randn(32, 2, 16).to(torch.bfloat16)
@@ -695,7 +696,7 @@ def test_from_build_context_builds_a_working_cache(artifact, tmp_path):
                                                     kvcache=wide, need_sort=False)
     with pytest.raises(CalibrationMismatchError, match=r"num_kv_heads \(per rank\): model 4, calibration 2.*"
                                                        r"kvtc-sglang calibrate"):
-        KVTCRadixCache.from_build_context(build_context((wide, wide_alloc), 4), options)
+        kvtc_cache_for_rank(build_context((wide, wide_alloc), 4), options, 1 << 16)
 
 
 def test_a_codec_for_another_shape_is_refused(make_harness, artifact):

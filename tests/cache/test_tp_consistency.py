@@ -105,7 +105,7 @@ def tp_harness(rank: int, group, allocator: str, page_size: int, policy: str, st
     """A conftest Harness whose cache is a KVTCRadixCache given ``group`` as sglang's ``tp_cache_group``."""
     from kvtc_sglang import sglang_compat as compat
     from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-    from kvtc_sglang.codec.pool_codec import PoolCodec
+    from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
     from tests.cache.conftest import Harness
 
     data_rank = rank if per_rank else 0
@@ -118,7 +118,7 @@ def tp_harness(rank: int, group, allocator: str, page_size: int, policy: str, st
     params = compat.CacheInitParams(disable=False, req_to_token_pool=h.req_to_token_pool,
                                     token_to_kv_pool_allocator=h.allocator, page_size=page_size,
                                     eviction_policy=policy, tp_cache_group=group)
-    h.cache = KVTCRadixCache(params, PoolCodec(h.codec), h.options, store_bytes, host_budget_bytes=host_bytes,
+    h.cache = KVTCRadixCache(params, ReferencePoolCodec(h.codec), h.options, store_bytes, host_budget_bytes=host_bytes,
                              page_bytes=PAGE_BYTES)
     return h
 

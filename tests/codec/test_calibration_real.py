@@ -59,7 +59,7 @@ def heldout_kv(smollm2):
 def calibration_window_kv(smollm2, card):
     """Real KV of the first calibration window (the same 512 tokens of the default corpus the fixture used)."""
     from kvtc_sglang.codec.calibrate import windows_from_ids
-    from kvtc_sglang.codec.calibrate_cli import default_corpus_paths, tokenize_corpus
+    from kvtc_sglang.models.calibration import default_corpus_paths, tokenize_corpus
     from kvtc_sglang.models.kv_capture import capture_kv
 
     model, tokenizer = smollm2

@@ -41,7 +41,7 @@ from kvtc_sglang.codec.entropy import (
 )
 from kvtc_sglang.codec.errors import BlobFormatError, CalibrationMismatchError, ShapeError
 from kvtc_sglang.codec.plan import BitPlan, Group
-from kvtc_sglang.codec.pool_codec import PoolCodec
+from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
 from kvtc_sglang.codec.quantize import dequantize_groups, group_params, quantize_groups
 from kvtc_sglang.codec.rope import RopeConfig, apply_rope, undo_rope
 
@@ -233,7 +233,7 @@ def test_pool_codec_round_trip_writes_only_the_given_slots(art, dtype):
         kb[0][5, 0, :4] = torch.tensor([0x7F, 0x80, 0x01, 0xFE], dtype=torch.uint8)
     slots = torch.tensor([5, 17, 3, 40, 41, 42, 9, 60, 22, 11, 0, 33], dtype=torch.int64)
     n, nh, nt = slots.numel(), 2, 3
-    pc = PoolCodec(KVTCCodec(art, 4, entropy="deflate"), kv_dtype=fp8)
+    pc = ReferencePoolCodec(KVTCCodec(art, 4, entropy="deflate"), kv_dtype=fp8)
     blob = pc.encode_slots(kb, vb, slots, start_pos=0, n_head=nh, n_tail=nt)
     kd, vd = _pool(64, dtype, seed=4, fp8=fp8)
     _poison(kd + vd)
@@ -269,7 +269,7 @@ def test_pool_codec_round_trip_writes_only_the_given_slots(art, dtype):
 def test_pool_codec_rejects_bad_pools_and_bad_blobs_before_writing(art):
     kb, vb = _pool(16, torch.float32, seed=1)
     slots = torch.arange(6)
-    pc = PoolCodec(KVTCCodec(art, 4, entropy="none"))
+    pc = ReferencePoolCodec(KVTCCodec(art, 4, entropy="none"))
     blob = pc.encode_slots(kb, vb, slots, 0, 1, 1)
     kd, vd = _pool(16, torch.float32, seed=2)
     before = [b.clone() for b in kd + vd]

@@ -19,7 +19,7 @@ from kvtc_sglang.codec.blob import chunk_table
 from kvtc_sglang.codec.codec import KVTCCodec
 from kvtc_sglang.codec.entropy import CODER_IDS, ZlibDeflate, split_chunks
 from kvtc_sglang.codec.nvcomp_coder import NvcompCoder, nvcomp_available
-from kvtc_sglang.codec.triton.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
+from kvtc_sglang.testing.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
 
 needs_nvcomp = pytest.mark.skipif(not nvcomp_available(), reason="needs CUDA and nvCOMP")
 

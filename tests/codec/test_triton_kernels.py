@@ -1,4 +1,4 @@
-"""Triton codec kernels vs their PyTorch references, and TritonPoolCodec vs the reference PoolCodec.
+"""Triton codec kernels vs their PyTorch references, and TritonPoolCodec vs ReferencePoolCodec.
 
 Without CUDA the kernels run in Triton's CPU interpreter at small shapes: TRITON_INTERPRET=1 is set
 before Triton is imported, or, when an earlier test module already imported Triton, the CPU cases run
@@ -54,12 +54,12 @@ from kvtc_sglang.codec.bitpack import unpack_symbols  # noqa: E402
 from kvtc_sglang.codec.calibrate import layer_partition  # noqa: E402
 from kvtc_sglang.codec.codec import KVTCCodec  # noqa: E402
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError  # noqa: E402
-from kvtc_sglang.codec.pool_codec import PoolCodec  # noqa: E402
+from kvtc_sglang.codec.pool_codec import ReferencePoolCodec  # noqa: E402
 from kvtc_sglang.codec.rope import RopeConfig  # noqa: E402
 from kvtc_sglang.codec.triton import reference as ref  # noqa: E402
 from kvtc_sglang.codec.triton.common import pool_view  # noqa: E402
 from kvtc_sglang.codec.triton.pool_codec import TritonPoolCodec  # noqa: E402
-from kvtc_sglang.codec.triton.synthetic import dp_like_plan, random_plan, synthetic_artifact, synthetic_kv  # noqa: E402
+from kvtc_sglang.testing.synthetic import dp_like_plan, random_plan, synthetic_artifact, synthetic_kv  # noqa: E402
 from kvtc_sglang.codec.triton.tables import rope_tables  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -181,7 +181,7 @@ def _assert_rows_close(tri, want, dtype):
 
 def _codecs(art, device, kv_dtype=None, entropy="deflate"):
     codec = KVTCCodec(art, 1, device, entropy=entropy)
-    return codec, PoolCodec(codec, kv_dtype), TritonPoolCodec(codec, kv_dtype, reference=False)
+    return codec, ReferencePoolCodec(codec, kv_dtype), TritonPoolCodec(codec, kv_dtype, reference=False)
 
 
 # ----------------------------------------------------------------------------------------------- row kernels
@@ -516,7 +516,7 @@ def test_reference_route_blob_is_the_reference_codec_blob(device):
     art, kb, vb, slots, start, k, v = _encode_setup(case, torch.bfloat16, device, seed=1)
     codec = KVTCCodec(art, 1, device, entropy="deflate")
     blob = TritonPoolCodec(codec, reference=True).encode_slots(kb, vb, slots, start, 4, 9)
-    assert torch.equal(blob, PoolCodec(codec).encode_slots(kb, vb, slots, start, 4, 9))
+    assert torch.equal(blob, ReferencePoolCodec(codec).encode_slots(kb, vb, slots, start, 4, 9))
 
 
 def test_env_switch_routes_kernels_to_references(device, monkeypatch):

@@ -1,6 +1,6 @@
 """`TritonPoolCodec`: the pool-facing codec on the Triton kernels (plan once, run per token run).
 
-Same interface and blob bytes format as `kvtc_sglang.codec.pool_codec.PoolCodec`: a blob made by
+Same interface (`codec.interfaces.PoolCodec`) and blob bytes as `codec.pool_codec.ReferencePoolCodec`: a blob made by
 either decodes with the other. Plan (constructor): device tables for every feature block of K and V
 (`tables.KindTables`). Run: `encode_slots` gathers, transforms, quantizes and packs straight from the
 pool's per-layer buffers; `decode_into` (all layers) or `begin_decode` + `decode_layer_into` (one layer
@@ -174,7 +174,7 @@ class TritonPoolCodec:
                      n_tail: int) -> torch.Tensor:
         """Compress the KV rows at `slots` (token positions start_pos ..) into a blob (1-D uint8).
 
-        Same arguments and blob format as `PoolCodec.encode_slots`.
+        Same arguments and blob format as `ReferencePoolCodec.encode_slots`.
         """
         payload = self.encode_payload(k_buffers, v_buffers, slots, start_pos, n_head, n_tail)
         return self.frame(payload, k_buffers[0].dtype, slots.numel(), start_pos, n_head, n_tail)
@@ -271,7 +271,7 @@ class TritonPoolCodec:
                     expected_start: int | None = None) -> None:
         """Decode the blob's tokens (or token_range of them) into pool rows `slots`, all layers.
 
-        Same arguments as `PoolCodec.decode_into`; raises BlobFormatError/ShapeError before writing anything.
+        Same arguments as `ReferencePoolCodec.decode_into`; raises BlobFormatError/ShapeError before writing anything.
         """
         pool = self._pool(k_buffers, v_buffers, slots)
         job = self.begin_decode(blob, slots, token_range=token_range, expected_tokens=expected_tokens,
