@@ -6,7 +6,8 @@ One command (launches both servers side by side, or targets two running ones):
     python -m benchmarks.serve_agreement --model-path SMOLLM2_HF_DIR \\
         --server-args "--attention-backend triton --mem-fraction-static 0.3 --max-total-tokens 4096" \\
         --kvtc-args "--kvtc-calibration ART --kvtc-window-tokens 32"
-    python -m benchmarks.serve_agreement --ref-url http://127.0.0.1:30000 --test-url http://127.0.0.1:30001 --model-path DIR
+    python -m benchmarks.serve_agreement --ref-url http://127.0.0.1:30000 --test-url http://127.0.0.1:30001 \\
+        --model-path DIR
 
 Both launched servers get ``--server-args`` (the same ``--max-total-tokens``: the kvtc tier keeps its blobs in the
 pool's own slots), the kvtc one also ``--kv-compress kvtc`` and ``--kvtc-args``; ``--enable-metrics`` is added.
@@ -229,14 +230,17 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     s = report["summary"]
     md = [f"# End-to-end agreement, kvtc vs plain radix ({report['model']}, {report['gpu']})", "",
-          f"{args.users} users x {args.turns} turns, {args.output_len} greedy tokens per answer, commit {report['commit']}.",
+          f"{args.users} users x {args.turns} turns, {args.output_len} greedy tokens per answer, "
+          f"commit {report['commit']}.",
           f"Server args: `{args.server_args}`; kvtc: `{args.kvtc_args}`.", "",
-          "| requests | n | identical answers | agreement before first divergence | mean abs logprob diff | restored tokens |",
+          "| requests | n | identical answers | agreement before first divergence | mean abs logprob diff "
+          "| restored tokens |",
           "|---|---|---|---|---|---|"]
     for name, part in s.items():
         if part["requests"]:
-            md.append(f"| {name} | {part['requests']} | {part['identical_rate']:.2f} | {part['agreement_before_divergence']:.3f} | "
-                      f"{fmt(part['mean_abs_logprob_diff'], 4)} | {part['restored_tokens']} |")
+            md.append(f"| {name} | {part['requests']} | {part['identical_rate']:.2f} | "
+                      f"{part['agreement_before_divergence']:.3f} | {fmt(part['mean_abs_logprob_diff'], 4)} | "
+                      f"{part['restored_tokens']} |")
     md += ["", f"Request errors: {res['errors']}. After /flush_cache: {report['after_flush']}."]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -3,10 +3,10 @@
 Each request is sent at its planned ``arrival_s``, never before the request it continues (``history``) has finished
 plus its ``think_s``, and only while fewer than ``max_parallel`` requests are in flight (a client-side queue, as in
 SGLang's ``bench_multiturn.py`` ``--max-parallel``). ``pace=False`` (a closed loop: the saturation probe) ignores the
-planned times and sends the requests in trace order, each as soon as a slot is free and its history is done. Its prompt is built from the
-server's own earlier answers (``Trace.prompt``). Nothing is sent after the window ends; requests in flight then
-finish. A request whose history failed or was not sent is skipped, as is one whose prompt + output would exceed
-``max_context``.
+planned times and sends the requests in trace order, each as soon as a slot is free and its history is done. A
+prompt is built from the server's own earlier answers (``Trace.prompt``). Nothing is sent after the window ends;
+requests in flight then finish. A request whose history failed or was not sent is skipped, as is one whose
+prompt + output would exceed ``max_context``.
 
 Records (one per sent request; times in seconds from the start): ``index``, ``user``, ``turn``, ``returning``,
 ``ok``, ``error``, ``prompt_tokens``, ``cached_tokens``, ``cached_device``, ``cached_host`` (restored from the lower

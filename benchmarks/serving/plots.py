@@ -134,9 +134,10 @@ def ttft_cdf(plt, rows, path: Path, title: str, decisive_x: float) -> Path:
 
 def breakeven(plt, rows: Sequence[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
-    cold = sorted((r for r in rows if r["config"] == "radix" and r.get("cold_ttft_ms")), key=lambda r: r["prefix_tokens"])
+    by_length = (lambda r: r["prefix_tokens"])
+    cold = sorted((r for r in rows if r["config"] == "radix" and r.get("cold_ttft_ms")), key=by_length)
     if not cold:
-        cold = sorted((r for r in rows if r.get("cold_ttft_ms")), key=lambda r: r["prefix_tokens"])
+        cold = sorted((r for r in rows if r.get("cold_ttft_ms")), key=by_length)
     ax.plot([r["prefix_tokens"] for r in cold], [r["cold_ttft_ms"] for r in cold], "k--", lw=2,
             label="cold prefill (recompute)")
     for i, c in enumerate(sorted({r["config"] for r in rows}, key=config_rank)):

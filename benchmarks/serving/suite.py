@@ -238,9 +238,10 @@ class Suite:
             trace = build_trace(p, workload, x=plan.saturation_x, rate=10.0, seed=p.seed + 7, model=self.model,
                                 num_requests=p.probe_requests, text=self.text_for(workload, plan.saturation_x, p.seed))
             max_parallel = self.max_parallel(trace)
-            fields, _ = await measure_point(client, ctx, trace, max_parallel=max_parallel, window=Window(warmup, measure),
-                                            pace=False, poll_s=p.poll_s, stats_pause_s=p.stats_pause_s,
-                                            timeout_s=p.request_timeout_s, log=self.log)
+            fields, _ = await measure_point(client, ctx, trace, max_parallel=max_parallel,
+                                            window=Window(warmup, measure), pace=False, poll_s=p.poll_s,
+                                            stats_pause_s=p.stats_pause_s, timeout_s=p.request_timeout_s,
+                                            log=self.log)
         if not fields.get("req_per_s") or fields.get("errors"):
             raise RuntimeError(f"saturation probe of {workload} failed: {fields.get('errors')} errors, "
                                f"{fields.get('req_per_s')} req/s")

@@ -280,7 +280,7 @@ def test_run_plan_interleaves_configs_randomly_with_radix_first():
     assert profiles.max_parallel_for(p, 100.0) == min(p.max_parallel_cap, int(0.4 * p.budget_tokens / 100))
 
 
-# --- result files ------------------------------------------------------------------------------------------------------
+# --- result files ----------------------------------------------------------------------------------------------------
 
 def test_rows_merge_by_key_and_a_file_never_mixes_commits(tmp_path):
     path = tmp_path / "serving.json"
