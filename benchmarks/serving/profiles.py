@@ -11,6 +11,10 @@ plan of server runs (configs interleaved in random order, one server at a time).
 
 Rates are fractions of radix's saturation rate, measured per workload by the saturation probe (closed loop at
 ``max_parallel``, no pacing) on the first radix server of the run and kept in ``saturation.json``.
+
+The H200 profiles: bf16 budget 65,536 slots (8 GiB of Llama-3.1-8B KV; hicache8's host pool then takes 64 GiB of
+pinned host memory), attention backend triton (the offline box's SGLang kit has no FlashAttention-3, SGLang's Hopper
+default, and SGLang's FP4 KV cache needs triton there), CUDA graphs on up to batch 32.
 """
 
 from __future__ import annotations

@@ -210,7 +210,7 @@ class Suite:
                         await self.probe_saturation(client, ctx, w)
             for point in run.points:
                 await self.run_point(client, ctx, point)
-            if not self.args.no_breakeven and run.repeat == 0:
+            if not self.args.no_breakeven and run.repeat == 0 and (capacity is None or capacity.pool_slots):
                 rows = await breakeven_probe(client, ctx, p.breakeven_lengths, timeout_s=p.request_timeout_s,
                                              log=self.log)
                 if rows:

@@ -27,6 +27,8 @@ Working set. F is the number of distinct tokens a cache must hold so that every 
 workloads the active conversations at their final length (last prompt + answer) plus shared prefixes once; for
 document and prefix workloads every document / group prefix with its questions and answers. The x of a trace is
 F / (the bf16 KV budget in token slots); generators pick the number of users (documents, groups) for a requested x.
+Conversations at earlier turns hold less: ``multiturn`` also records ``steady_footprint_x``, the active
+conversations' mean size over the budget (finished conversations still cached until evicted come on top).
 
 Generators (one per workload of the suite):
 
@@ -238,7 +240,11 @@ def multiturn(*, vocab_size: int, seed: int = 0, x: float | None = None, budget_
                   output_length=output_length, num_rounds=num_rounds, request_rate=request_rate,
                   distribution=distribution, ready_queue_policy=ready_queue_policy,
                   nominal_latency_s=nominal_latency_s, think_mean_s=think_mean_s, system_tokens=system_tokens,
-                  stagger_start=stagger_start, conversations=next_conv)
+                  stagger_start=stagger_start, conversations=next_conv,
+                  # what the active conversations hold on average (each at a uniformly drawn turn), over the budget
+                  steady_footprint_x=(round(clients * (request_length + output_length + (num_rounds - 1) / 2
+                                                       * (sub_question_length + output_length)) / budget_tokens, 4)
+                                      if budget_tokens else None))
     return _finish("multiturn", reqs, vocab_size, seed, params, system_tokens + clients * per_conv, budget_tokens)
 
 
