@@ -207,6 +207,7 @@ def multiturn(*, vocab_size: int, seed: int = 0, x: float | None = None, budget_
     busy: list[tuple[float, int]] = []  # (ready again at, conversation)
     turn_of: dict[int, int] = {c: rng.randrange(num_rounds) for c in range(clients)} if stagger_start else {}
     started: set[int] = set()
+    think_of: dict[int, float] = {}  # the think time drawn when a conversation's previous turn was scheduled
     last_req: dict[int, int] = {}
     next_conv = clients
     reqs: list[dict] = []
@@ -224,15 +225,15 @@ def multiturn(*, vocab_size: int, seed: int = 0, x: float | None = None, budget_
         started.add(c)
         n_new = request_length + (turn - 1) * (output_length + sub_question_length) if first else sub_question_length
         new = pseudo_tokens(n_new, f"{seed}:mt:{c}:{turn}", vocab_size)
-        think = rng.expovariate(1.0 / think_mean_s) if think_mean_s > 0 and not first else 0.0
+        think = think_of.pop(c, 0.0)
         reqs.append({"index": len(reqs), "user": c, "turn": turn, "arrival_s": round(t, 6), "new_ids": tuple(new),
                      "output_len": output_length, "returning": not first,
                      "history": None if first else last_req[c], "prefix_ids": system if first else (),
                      "think_s": round(think, 6)})
         last_req[c] = len(reqs) - 1
         if turn < num_rounds:
-            heapq.heappush(busy, (t + nominal_latency_s + (rng.expovariate(1.0 / think_mean_s)
-                                                           if think_mean_s > 0 else 0.0), c))
+            think_of[c] = rng.expovariate(1.0 / think_mean_s) if think_mean_s > 0 else 0.0
+            heapq.heappush(busy, (t + nominal_latency_s + think_of[c], c))
         else:
             ready.append(next_conv)
             next_conv += 1
