@@ -116,9 +116,9 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
                        help="Pinned host memory for blobs pushed out of the GPU store, in bytes ('8GiB'); "
                             "'0' (default) drops them instead.")
     group.add_argument("--kvtc-sink-tokens", type=int, default=d.sink_tokens, metavar="N",
-                       help="Leading tokens of every sequence kept exact (attention sinks; default 4).")
+                       help=f"Leading tokens of every sequence kept exact (attention sinks; default {d.sink_tokens}).")
     group.add_argument("--kvtc-window-tokens", type=int, default=d.window_tokens, metavar="N",
-                       help="Most recent tokens of a cached sequence kept exact (default 128).")
+                       help=f"Most recent tokens of a cached sequence kept exact (default {d.window_tokens}).")
     group.add_argument("--kvtc-entropy", type=str, choices=ENTROPY_CHOICES, default=d.entropy,
                        help="Lossless stage after quantization: 'auto' (default: none on GPU, where it costs more "
                             "time than it saves memory; DEFLATE on CPU), 'deflate', 'gdeflate', 'ans' or 'none'.")

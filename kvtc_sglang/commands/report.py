@@ -9,6 +9,7 @@ calibrated ratio and the FP8 / int4 / KIVI-2bit baselines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -42,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  plan {r:>3}x: {rp.bits_per_token} bits/token (K {sum(p.bits_per_token for p in rp.k)}, "
               f"V {sum(p.bits_per_token for p in rp.v)}), rank K {[p.rank for p in rp.k]} V {[p.rank for p in rp.v]}")
     text_path = Path(args.text) if args.text else _default_text()
-    windows = eval_windows(tok, text_path.read_text(encoding="utf-8"), args.windows, 1024)
-    rows = evaluate(model, windows, art, EvalSettings(windows=len(windows), progress=not args.quiet))
-    print(f"\nAccuracy on {text_path.name}: {len(windows)} windows, 768-token prefix compressed "
-          f"(4 sinks + 128 recent exact), next 256 tokens scored\n")
+    protocol = EvalSettings(progress=not args.quiet)
+    windows = eval_windows(tok, text_path.read_text(encoding="utf-8"), args.windows, protocol.prefix + protocol.score)
+    rows = evaluate(model, windows, art, dataclasses.replace(protocol, windows=len(windows)))
+    print(f"\nAccuracy on {text_path.name}: {len(windows)} windows, {protocol.prefix}-token prefix compressed "
+          f"({protocol.sinks} sinks + {protocol.window} recent exact), next {protocol.score} tokens scored\n")
     print(format_table(rows))
     print(f"machine: {machine_description()}")
     return 0

@@ -39,6 +39,7 @@ import torch
 from kvtc_sglang import sglang_compat as compat
 from kvtc_sglang.eval.agreement import first_divergence
 from kvtc_sglang.eval.conversations import Conversation, interleaved
+from kvtc_sglang.models.geometry import model_geometry
 from kvtc_sglang.models.kv_capture import cache_from_kv, forward_with_cache
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -47,11 +48,8 @@ from kvtc_sglang.models.kv_capture import cache_from_kv, forward_with_cache
 
 
 def kv_shape(config: Any) -> tuple[int, int, int]:
-    """(L, H, D) of a transformers config."""
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return int(text.num_hidden_layers), int(heads), int(head_dim)
+    """(L, H, D) of a transformers config (``models.geometry``)."""
+    return model_geometry(config).kv_shape
 
 
 def make_kv_pool(config: Any, tokens: int, dtype: torch.dtype = torch.bfloat16):

@@ -30,9 +30,10 @@ from kvtc_sglang.codec.artifact import (
     read_card,
 )
 from kvtc_sglang.codec.checksum import checksum64_int
-from kvtc_sglang.codec.codec import KVTCCodec, exact_token_counts
+from kvtc_sglang.codec.codec import KVTCCodec
+from kvtc_sglang.codec.defaults import ExactPolicy
 from kvtc_sglang.codec.entropy import (
-    CODER_IDS,
+    EntropyCoderId,
     EntropyCodecUnavailable,
     NoEntropy,
     ZlibDeflate,
@@ -158,7 +159,7 @@ def test_round_trip_reconstructs_what_the_plan_predicts(art, ratio, coder, chunk
     blob = codec.encode(k, v, start, nh, nt)
     h = blobfmt.read_header(blob)
     assert (h.n_tokens, h.start_pos, h.n_head, h.n_tail, h.ratio) == (n, start, nh, nt, ratio)
-    assert h.coder == CODER_IDS[coder] and h.raw_size == codec.raw_size(n, nh + nt, torch.float32)
+    assert h.coder == EntropyCoderId.of(coder) and h.raw_size == codec.raw_size(n, nh + nt, torch.float32)
     assert h.n_chunks == -(-h.raw_size // chunk_bytes)
     dec = codec.decode(blob, expected_tokens=n, expected_start=start)
     assert dec.k.shape == dec.v.shape == (n, L, H, D) and dec.k.dtype == torch.float32
@@ -337,12 +338,13 @@ def test_zero_coded_tokens(art, n, nh, nt, coder):
 
 
 def test_exact_token_counts():
-    assert exact_token_counts(0, 1000, 4, 128, True) == (4, 128)
-    assert exact_token_counts(0, 1000, 4, 128, False) == (4, 0)
-    assert exact_token_counts(2, 1000, 4, 128, False) == (2, 0)
-    assert exact_token_counts(10, 1000, 4, 128, True) == (0, 128)
-    assert exact_token_counts(0, 3, 4, 128, True) == (3, 0)
-    assert exact_token_counts(0, 50, 4, 128, True) == (4, 46)
+    policy = ExactPolicy(4, 128)
+    assert policy.counts(0, 1000, True) == (4, 128)
+    assert policy.counts(0, 1000, False) == (4, 0)
+    assert policy.counts(2, 1000, False) == (2, 0)
+    assert policy.counts(10, 1000, True) == (0, 128)
+    assert policy.counts(0, 3, True) == (3, 0)
+    assert policy.counts(0, 50, True) == (4, 46)
 
 
 # --- entropy stage --------------------------------------------------------------------------------------------------
@@ -564,7 +566,7 @@ def test_crafted_blobs_with_valid_checksums_are_rejected(art):
         chunks = split_chunks(payload, 128)
         codec.decode(blobfmt.assemble(hh, chunks, [False] + [True] * (len(chunks) - 1)))
     with pytest.raises(BlobFormatError, match="corrupt DEFLATE|DEFLATE"):
-        hh = replace(h, coder=CODER_IDS["deflate"])
+        hh = replace(h, coder=EntropyCoderId.of("deflate"))
         chunks = split_chunks(payload, 128)
         codec.decode(blobfmt.assemble(hh, chunks, [False] + [True] * (len(chunks) - 1)))
     # non-finite quantization parameters: the first K param (fp16 shift of group 0, token 0) set to inf / nan.
@@ -708,7 +710,7 @@ def test_missing_or_unreadable_card_raises(tmp_path):
     with pytest.raises(CalibrationMismatchError, match="no calibration card"):
         read_card(tmp_path)
     (tmp_path / CARD_NAME).write_text("{not json")
-    with pytest.raises(CalibrationMismatchError, match="unreadable"):
+    with pytest.raises(CalibrationMismatchError, match="not valid JSON"):
         read_card(tmp_path)
 
 

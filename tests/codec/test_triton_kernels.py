@@ -582,3 +582,39 @@ def test_bad_inputs_raise_before_writing(device):
     fp8_pool = [torch.zeros_like(b, dtype=torch.uint8) for b in kb]
     with pytest.raises(ShapeError):  # uint8 rows without kv_dtype
         TritonPoolCodec(codec).encode_slots(fp8_pool, fp8_pool, slots, start, 0, 0)
+
+
+def test_golden_blob_decodes_with_the_kernels(device):
+    """The frozen golden blob (tests/data/golden/, see tests/codec/test_golden_blob.py) through the kernels: decoded
+    into pool rows it gives the golden rows (exact rows bit-identical), and the reference route re-encodes the golden
+    input into the golden bytes."""
+    import json
+    from pathlib import Path
+
+    from kvtc_sglang.codec.artifact import load_artifact
+
+    golden = Path(__file__).resolve().parents[1] / "data" / "golden"
+    m = json.loads((golden / "golden.json").read_text())
+    art = load_artifact(golden)
+    kv = torch.load(golden / "kv.pt", weights_only=True)
+    expected = torch.load(golden / "expected.pt", weights_only=True)
+    blob = torch.frombuffer(bytearray((golden / "blob.bin").read_bytes()), dtype=torch.uint8).to(device)
+    codec = KVTCCodec(art, m["ratio"], device, entropy=m["entropy"], chunk_bytes=m["chunk_bytes"])
+    n, L = m["n_tokens"], art.num_layers
+    n_slots = 2 * n + 8
+    slots = _slots(n, n_slots, device, seed=5)
+    kb = [torch.zeros(n_slots, art.num_kv_heads, art.head_dim, dtype=torch.bfloat16, device=device) for _ in range(L)]
+    vb = [torch.zeros_like(b) for b in kb]
+    TritonPoolCodec(codec, reference=False).decode_into(blob, kb, vb, slots, expected_tokens=n,
+                                                         expected_start=m["start_pos"])
+    exact = torch.cat([torch.arange(m["n_head"]), torch.arange(n - m["n_tail"], n)])
+    for layer in range(L):
+        for buf, want in ((kb[layer], expected["k"][:, layer]), (vb[layer], expected["v"][:, layer])):
+            got = buf[slots].cpu()
+            assert torch.equal(got[exact], want[exact])
+            _assert_rows_close(got, want, torch.bfloat16)
+    for layer in range(L):
+        kb[layer][slots] = kv["k"][:, layer].to(device)
+        vb[layer][slots] = kv["v"][:, layer].to(device)
+    again = TritonPoolCodec(codec, reference=True).encode_slots(kb, vb, slots, m["start_pos"], m["n_head"], m["n_tail"])
+    assert torch.equal(again.cpu(), blob.cpu())
