@@ -147,7 +147,8 @@ _SYMBOLS: dict[str, str] = {
 __all__ = [
     "SUPPORTED_SGLANG_VERSION", "SGLangVersionError", "installed_sglang_version", "sglang_version_in",
     "check_sglang_version", "installed_sglang_site_packages", "server_args_has_field", "set_server_args_fields",
-    "hook_is_registered", "kv_bytes_per_token", "kv_pool_of", "rope_of_model", "parser_has_flag",
+    "hook_is_registered", "kv_bytes_per_token", "kv_pool_of", "rope_of_model", "layer0_kv_weights",
+    "served_tokenizer", "parser_has_flag",
     "missing_tree_internals", "RADIX_CACHE_OVERRIDES", "RADIX_CACHE_PRIVATE_METHODS", "RADIX_CACHE_PRIVATE_ATTRIBUTES",
     "TREE_NODE_FIELDS", "RADIX_KEY_METHODS", "SERVER_ARGS_PATH",
     "SERVER_ARGS_RELPATH", "TARGET_ADD_CLI_ARGS", "TARGET_FROM_CLI_ARGS", "TARGET_POST_INIT",
@@ -255,6 +256,68 @@ def rope_of_model(model: Any) -> dict[str, Any] | None:
         if hasattr(module, "is_neox_style") and hasattr(module, "base"):
             return {"theta": float(module.base), "style": "neox" if module.is_neox_style else "gptj"}
     return None
+
+
+def layer0_kv_weights(model: Any) -> dict[str, Any] | str:
+    """Layer 0's key and value projection weights of a loaded model, as this rank holds them, or why not.
+
+    SGLang's attention layers (Llama, Qwen2/3, Mistral, ...) hold one fused ``qkv_proj`` (``QKVParallelLinear``): the
+    rank's weight is ``[(num_heads + 2 * num_kv_heads) * head_size, hidden]``, query rows first, then the key rows
+    and the value rows of the rank's KV heads (global heads ``tp_rank * num_kv_heads ...``, or
+    ``tp_rank // num_kv_head_replicas`` when heads are replicated). A transformers model has separate
+    ``k_proj``/``v_proj`` (all heads).
+
+    Returns:
+        ``{"k": [H_rank * D, hidden], "v": same, "head_dim": D, "first_head": int}`` (views of the weights), or a
+        string saying why the weights cannot be read: no model, no recognizable projection, quantized weights.
+    """
+    if model is None or not hasattr(model, "modules"):
+        return "the loaded model is not available to the cache builder"
+    import torch
+
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    for module in model.modules():
+        qkv = getattr(module, "qkv_proj", None)
+        if qkv is not None and all(hasattr(qkv, a) for a in ("num_heads", "num_kv_heads", "head_size")):
+            method = type(getattr(qkv, "quant_method", None)).__name__
+            weight = getattr(qkv, "weight", None)
+            if method not in ("UnquantizedLinearMethod", "NoneType") or not isinstance(weight, torch.Tensor) \
+                    or weight.dtype not in floats:
+                return (f"layer 0's qkv_proj is quantized ({method}, weight dtype "
+                        f"{getattr(weight, 'dtype', None)}); its weights are not those the card was measured on")
+            q, kv, d = int(qkv.num_heads) * int(qkv.head_size), int(qkv.num_kv_heads) * int(qkv.head_size), \
+                int(qkv.head_size)
+            if weight.dim() != 2 or weight.shape[0] != q + 2 * kv:
+                return (f"layer 0's qkv_proj weight has shape {tuple(weight.shape)}, not [(q + 2 kv) rows, hidden] "
+                        f"with q = {q}, kv = {kv}")
+            replicas = int(getattr(qkv, "num_kv_head_replicas", 1) or 1)
+            rank = int(getattr(qkv, "tp_rank", 0) or 0)
+            first = rank // replicas if replicas > 1 else rank * int(qkv.num_kv_heads)
+            return {"k": weight[q:q + kv], "v": weight[q + kv:q + 2 * kv], "head_dim": d, "first_head": first}
+        k, v = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
+        if k is not None and v is not None and isinstance(getattr(k, "weight", None), torch.Tensor):
+            head_dim = getattr(module, "head_dim", None)
+            if not isinstance(head_dim, int) or k.weight.dtype not in floats or v.weight.dtype not in floats:
+                return "layer 0's k_proj/v_proj weights are quantized or their head size is unknown"
+            return {"k": k.weight, "v": v.weight, "head_dim": head_dim, "first_head": 0}
+    return f"{type(model).__name__} has no attention layer with a qkv_proj or k_proj/v_proj the check recognizes"
+
+
+def served_tokenizer(server_args: Any) -> Any:
+    """The tokenizer SGLang's TokenizerManager loads for ``server_args`` (same function, same arguments), or None
+    under ``--skip-tokenizer-init``. Multimodal processors are not loaded: their tokenizer is read the same way.
+    Raises whatever ``get_tokenizer`` raises when the files cannot be loaded."""
+    if getattr(server_args, "skip_tokenizer_init", False):
+        return None
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    return get_tokenizer(
+        getattr(server_args, "tokenizer_path", None) or server_args.model_path,
+        tokenizer_mode=getattr(server_args, "tokenizer_mode", "auto"),
+        trust_remote_code=getattr(server_args, "trust_remote_code", False),
+        revision=getattr(server_args, "revision", None),
+        tokenizer_backend=getattr(server_args, "tokenizer_backend", "huggingface"),
+    )
 
 
 def parser_has_flag(parser: Any, flag: str) -> bool:

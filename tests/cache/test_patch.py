@@ -86,11 +86,10 @@ def model_and_card(tmp_path):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
         "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30, "head_dim": 64,
         "rope_theta": 100000.0, "max_position_embeddings": 8192, "vocab_size": 49152, "torch_dtype": "bfloat16"}))
-    card = tmp_path / "card"
-    card.mkdir()
-    card.joinpath("card.json").write_text(json.dumps({
-        "format_version": 1, "tp_size": 1, "tp_rank": 0, "plans": {"16": {}, "32": {}},
-        "model": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "rope": {"theta": 100000.0, "style": "neox"}}}))
+    from kvtc_sglang.testing.synthetic import save_synthetic_card
+
+    card = save_synthetic_card(tmp_path / "card", num_layers=30, num_kv_heads=3, head_dim=64, ratios=(16, 32),
+                               model={"rope": {"theta": 100000.0, "style": "neox"}})
     return model, card
 
 

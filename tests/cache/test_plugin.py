@@ -50,16 +50,16 @@ MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
 
 
 def make_card(directory: Path, **model_overrides) -> Path:
+    """A real (small) artifact in ``directory`` for the test model (30 layers, 3 KV heads, head_dim 64, plans
+    8/16/32/64), with the card's model facts (and tp_size / tp_rank) overridden."""
+    from kvtc_sglang.testing.synthetic import save_synthetic_card
+
     model = {"fingerprint": "test", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
              "rope": {"theta": 100000.0, "style": "neox"}}
-    top = {k: model_overrides.pop(k) for k in ("tp_size", "tp_rank", "plans") if k in model_overrides}
+    top = {k: model_overrides.pop(k) for k in ("tp_size", "tp_rank") if k in model_overrides}
     model.update(model_overrides)
-    card = {"format_version": 1, "model": model, "tp_size": 1, "tp_rank": 0,
-            "plans": {"8": {}, "16": {}, "32": {}, "64": {}}}
-    card.update(top)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "card.json").write_text(json.dumps(card))
-    return directory
+    return save_synthetic_card(directory, num_layers=model["num_layers"], num_kv_heads=model["num_kv_heads"],
+                               head_dim=model["head_dim"], model=model, **top)
 
 
 @pytest.fixture(scope="module")
