@@ -569,16 +569,17 @@ class KVTCRadixCache(compat.RadixCache):
             return node in self._cold_leaves
 
         def requeue(node: Any) -> None:
-            """After an action: the node and its parent may have become (other) candidates."""
-            for n in (node, node.parent):
-                if n is None or n is self.root_node:
-                    continue
+            """After an action: the node and its ancestors may have become (other) candidates (a demotion turns
+            every node sharing the blob HOST, which can make their parents cold leaves)."""
+            n = node
+            while n is not None and n is not self.root_node:
                 if n in self.evictable_leaves:
                     push_hot(n)
                 if n in self._cold_leaves:
                     push_drop(n, False)
                 if n in self._hot_blob_nodes and not n.kvtc_ref.blob.protected:
                     push_drop(n, True)
+                n = n.parent
 
         freed = 0
         batch: list = []  # COMPRESS actions planned in this round: (node, plan)
