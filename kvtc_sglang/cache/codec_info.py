@@ -1,7 +1,7 @@
 """What the tier reads from the pool codec beyond its call contract (codec/interfaces.py ``PoolCodec``).
 
 * the job classes (``EncodeJob``, ``DecodeJob``): the codec object's own attributes when it carries them (test
-  doubles, alternative codecs), else those of ``kvtc_sglang.codec.interfaces``;
+  doubles, alternative codecs), else those of ``kvtc_sglang.codec.interfaces`` or ``kvtc_sglang.codec.jobs``;
 * the JIT compile count (``jit_compiles``/``compile_count``: an int attribute or a method; 0 when absent);
 * ``encode_reads_before_writes``: True when one ``encode`` call finishes every read of its source slots before its
   first write of a destination row, so a node can be compressed into its own first slots (in place);
@@ -15,11 +15,18 @@ from typing import Any
 
 def codec_class(codec: Any, name: str) -> Any:
     cls = getattr(codec, name, None)
-    if cls is None:
-        from kvtc_sglang.codec import interfaces
+    if cls is not None:
+        return cls
+    import importlib
 
-        cls = getattr(interfaces, name)
-    return cls
+    for module in ("kvtc_sglang.codec.interfaces", "kvtc_sglang.codec.jobs"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if cls is not None:
+            return cls
+    raise ImportError(f"no {name} class: the codec carries none and kvtc_sglang.codec has none")
 
 
 def codec_compile_count(codec: Any) -> int:

@@ -468,7 +468,7 @@ class KVTCRadixCache(compat.RadixCache):
             if blob.writing:
                 self.blobs.end_write(blob)
             if not op.failed:
-                blob.crc = int(blob.crc_host[0]) & 0xFFFFFFFF
+                blob.crc = int(blob.crc_host.tolist()[0]) & 0xFFFFFFFF
         for i, (node, blob) in enumerate(op.items):
             for n in list(self._blob_nodes.get(blob.id, ())):
                 if state_of(n) is not S.ENCODING:
@@ -557,7 +557,8 @@ class KVTCRadixCache(compat.RadixCache):
         for node in self.evictable_leaves:
             push_hot(node)
         for node in self._cold_leaves:
-            push_drop(node, False)
+            if node.lock_ref == 0:
+                push_drop(node, False)
         for node in self._hot_blob_nodes:
             if not node.kvtc_ref.blob.protected:
                 push_drop(node, True)
@@ -566,7 +567,7 @@ class KVTCRadixCache(compat.RadixCache):
             node, redundant = entry[2], entry[3]
             if redundant:
                 return node in self._hot_blob_nodes and not node.kvtc_ref.blob.protected
-            return node in self._cold_leaves
+            return node in self._cold_leaves and node.lock_ref == 0
 
         def requeue(node: Any) -> None:
             """After an action: the node and its ancestors may have become (other) candidates (a demotion turns
@@ -575,7 +576,7 @@ class KVTCRadixCache(compat.RadixCache):
             while n is not None and n is not self.root_node:
                 if n in self.evictable_leaves:
                     push_hot(n)
-                if n in self._cold_leaves:
+                if n in self._cold_leaves and n.lock_ref == 0:
                     push_drop(n, False)
                 if n in self._hot_blob_nodes and not n.kvtc_ref.blob.protected:
                     push_drop(n, True)
@@ -961,16 +962,17 @@ class KVTCRadixCache(compat.RadixCache):
         if not self._is_attached(chain[-1]) or (params.mem_quota is not None and
                                                 sum(len(n.key) for n in chain) > params.mem_quota):
             return empty, anchor
-        self.inc_lock_ref(anchor)  # until the chain is LOADING and locked itself (or given up)
+        lock = [chain[-1]]  # the chain and the anchor stay locked until LOADING (or given up)
+        self.inc_lock_ref(lock[0])
         pinned = [n.kvtc_ref.blob for n in chain if n.kvtc_ref.blob.on_device]
         for blob in pinned:
             self.blobs.begin_read(blob)
         try:
-            return self._load_chain(chain, anchor, pinned, params, t0)
+            return self._load_chain(chain, anchor, pinned, params, t0, lock)
         finally:
-            self.dec_lock_ref(anchor)
+            self.dec_lock_ref(lock[0])
 
-    def _load_chain(self, chain: list, anchor: Any, pinned: list, params: Any, t0: float):
+    def _load_chain(self, chain: list, anchor: Any, pinned: list, params: Any, t0: float, lock: list):
         """The body of init_load_back (anchor locked, device blobs of the chain pinned). Collectives are called on
         every rank in the same order whatever fails locally: local failures become values first."""
         empty = self._empty_match_result.device_indices
@@ -983,7 +985,7 @@ class KVTCRadixCache(compat.RadixCache):
             for blob in pinned:
                 self.blobs.begin_read(blob)
             self.kvtc_counters.integrity_dropped_tokens += sum(len(n.key) for n in chain[good:])
-            self._drop_subtree(chain[good])
+            self._drop_chain_from(chain, good, lock)
             chain = chain[:good]
         if not chain:
             self._unpin(pinned)
@@ -1032,7 +1034,7 @@ class KVTCRadixCache(compat.RadixCache):
             self.token_to_kv_pool_allocator.free_segment(slots[:total], start_pos=0)
             if len(slots) > at:  # promotion slots never adopted
                 self.token_to_kv_pool_allocator.free_segment(slots[at:], start_pos=0)
-            self._drop_subtree(chain[0])
+            self._drop_chain_from(chain, 0, lock)
             return empty, anchor
         for blob in promoted:  # promoted blobs are device blobs again: their nodes are COMPRESSED now
             for n in list(self._blob_nodes.get(blob.id, ())):
@@ -1065,6 +1067,14 @@ class KVTCRadixCache(compat.RadixCache):
         if self.metrics_collector is not None:
             self.metrics_collector.increment_load_back_num_tokens(total)
         return slots[:total], chain[-1]
+
+    def _drop_chain_from(self, chain: list, i: int, lock: list) -> None:
+        """Drop chain[i] and its subtree; init_load_back's lock (on lock[0]) moves above it first."""
+        keep = chain[i - 1] if i > 0 else chain[0].parent
+        self.inc_lock_ref(keep)
+        self.dec_lock_ref(lock[0])
+        lock[0] = keep
+        self._drop_subtree(chain[i])
 
     def _unpin(self, blobs: list) -> None:
         for blob in blobs:
@@ -1118,7 +1128,7 @@ class KVTCRadixCache(compat.RadixCache):
             if event is not None and (event.query() or wait):
                 if wait and hasattr(event, "synchronize"):
                     event.synchronize()
-                blob.crc = int(blob.crc_host[0]) & 0xFFFFFFFF
+                blob.crc = int(blob.crc_host.tolist()[0]) & 0xFFFFFFFF
         return blob.crc
 
     def _binding_ok(self, node: Any, depth: int) -> bool:

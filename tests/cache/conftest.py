@@ -280,7 +280,8 @@ class TierHarness:
         node = self.cache.root_node
         i = 0
         while i < len(tokens):
-            child = node.children[self.key(tokens[i:]).child_key(self.page_size)]
+            child = node.children.get(self.key(tokens[i:]).child_key(self.page_size))
+            assert child is not None, f"no node for {tokens[:i + 1]}"
             i += len(child.key)
             node = child
         assert i == len(tokens), "tokens end inside a node"
