@@ -43,7 +43,6 @@ TIER_POINTS = (
     "tier.load.check",         # host-side checks of a load-back (token binding, layout)
     "tier.load.begin",         # the decode's first stage, launched by init_load_back
     "tier.load.layers",        # the layer-wise decode launched when a prefill batch forms
-    "tier.load.complete",      # the decode ran but its completion reports failure (checked at the ack)
     "tier.load.ack",           # processing of an acknowledged load
     "tier.spill.launch",       # device -> host copy of a blob
     "tier.spill.ack",          # processing of an acknowledged spill (the host-side CRC check)

@@ -298,10 +298,12 @@ class KVTCRadixCache(compat.RadixCache):
         for q, r in zip(queues, ready):
             for i, op in enumerate(q):
                 if i < r and getattr(op.finish, "error", None) is not None and not op.failed:
-                    op.failed = True
+                    op.failed = op.logged = True
                     self._log_failure(op.kind, f"the {op.kind} running on the side stream", op.finish.error)
                 if i < r and op.kind == "encode" and not op.failed and faults.failed("tier.compress.complete"):
-                    op.failed = True
+                    op.failed = op.logged = True
+                    logger.warning("KVTC: an encode of %d nodes completed with a failure; the nodes stay hot "
+                                   "without blob", len(op.items))
                 flags.append(int(op.failed))
         agreed = self.agree.min_vec(ready + [-f for f in flags])
         pos = 3
@@ -453,7 +455,7 @@ class KVTCRadixCache(compat.RadixCache):
             finish = _Done()
             self._log_failure("compress", f"launching the encode of {len(items)} nodes", exc)
         op = Op("encode", COMPRESS, finish, items=[(node, blob) for node, _, blob in items], keep=keep,
-                failed=failed)
+                failed=failed, logged=failed)
         self._encode_ops.append(op)
         c = self.kvtc_counters
         c.compress_ahead_count += len(items)
@@ -463,7 +465,9 @@ class KVTCRadixCache(compat.RadixCache):
     def _ack_encode(self, op: Op) -> None:
         if op.failed:
             self.kvtc_counters.failures_compress += 1
-            logger.warning("KVTC: an encode of %d nodes failed; the nodes stay hot without blob", len(op.items))
+            if not op.logged:
+                logger.warning("KVTC: an encode of %d nodes failed on another TP rank; the nodes stay hot without "
+                               "blob", len(op.items))
         for node, blob in op.items:
             if blob.writing:
                 self.blobs.end_write(blob)
@@ -1106,6 +1110,7 @@ class KVTCRadixCache(compat.RadixCache):
                     return i
                 depth += len(n.key)
         except Exception as exc:  # noqa: BLE001
+            self.kvtc_counters.failures_load += 1
             self._log_failure("load", "checking a load-back", exc)
             return 0
         return len(chain)
@@ -1352,7 +1357,7 @@ class KVTCRadixCache(compat.RadixCache):
             failed = True
             finish = _Done()
             self._log_failure("spill", f"copying {len(items)} blobs to the host", exc)
-        self._spill_ops.append(Op("spill", COMPRESS, finish, items=items, failed=failed))
+        self._spill_ops.append(Op("spill", COMPRESS, finish, items=items, failed=failed, logged=failed))
 
     def _ack_spill(self, op: Op) -> None:
         bad = 0
@@ -1370,8 +1375,9 @@ class KVTCRadixCache(compat.RadixCache):
                 self._drop_host_copy(blob)
         if bad:
             self.kvtc_counters.failures_spill += 1
-            logger.warning("KVTC: %d of %d host copies failed (copy or CRC check); kept on the device only", bad,
-                           len(op.items))
+            if not op.logged:
+                logger.warning("KVTC: %d of %d host copies failed (copy or CRC check); kept on the device only",
+                               bad, len(op.items))
 
     def _drop_host_copy(self, blob: Blob) -> None:
         if blob.host_payload is not None:

@@ -75,6 +75,7 @@ class Op:
     failed: bool = False
     consumer_index: int = -1
     done: set = field(default_factory=set)  # indices of items already acknowledged
+    logged: bool = False  # this rank already logged the failure
 
 
 class TransferEngine:

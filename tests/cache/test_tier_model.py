@@ -40,7 +40,7 @@ ALPHABET = 12
 MAX_LIVE = 4
 # Faults the deferred model can contain the way a GPU server does ("codec.decode_layers" raises inside deferred
 # work, after the batch read the slots: the fault tests cover it in inline mode, where it raises at launch).
-FAULT_POINTS = [p for p in faults.TIER_POINTS if p != "tier.load.complete"] + ["codec.encode", "codec.decode_begin"]
+FAULT_POINTS = list(faults.TIER_POINTS) + ["codec.encode", "codec.decode_begin"]
 
 # (seed, allocator, page size, host bytes, in-place mode, eviction policy, steps)
 RUNS = [
