@@ -248,15 +248,17 @@ class BlobStore:
         del self._live[blob.id]
         return freed
 
-    def free_device_copy(self, blob: Blob) -> int:
-        """Return the blob's pool slots to the allocator (refused while a kernel in flight uses them). The blob
-        moves to the HOST tier (callers keep it only when a verified host copy exists). Returns slots freed."""
+    def free_device_copy(self, blob: Blob, *, to_allocator: bool = True) -> int:
+        """Return the blob's pool slots to the allocator (refused while a kernel in flight uses them); with
+        ``to_allocator=False`` the caller takes them back and frees them itself. The blob moves to the HOST tier
+        (callers keep it only when a verified host copy exists). Returns slots given up."""
         if not blob.on_device:
             return 0
         if blob.protected:
             raise RuntimeError(f"blob {blob.id}: freeing pool slots that a kernel in flight still uses")
         n = blob.num_slots
-        self.allocator.free_segment(blob.slots, start_pos=0)
+        if to_allocator:
+            self.allocator.free_segment(blob.slots, start_pos=0)
         self.device_slots -= n
         blob.slots = None
         blob.rows = None

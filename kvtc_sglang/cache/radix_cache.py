@@ -287,9 +287,12 @@ class KVTCRadixCache(compat.RadixCache):
         if isinstance(a, audit.SyncAudit):
             self.kvtc_counters.host_syncs += a.total
 
+    _ACK_POINT = {"encode": "tier.compress.ack", "load": "tier.load.ack", "spill": "tier.spill.ack"}
+
     def _poll_acks(self) -> None:
         """Acknowledge completed operations: per queue, the count of completed ones from the oldest is agreed (MIN)
-        across TP ranks together with each op's local failure flag (MAX), in one all-reduce; then applied in order."""
+        across TP ranks together with each op's local failure flags (MAX: the work failed; its acknowledgement
+        cannot be processed), in one all-reduce; then applied in order, identically on every rank."""
         queues = (self._encode_ops, self._load_ops, self._spill_ops)
         if not any(queues):
             return
@@ -297,19 +300,27 @@ class KVTCRadixCache(compat.RadixCache):
         flags = []
         for q, r in zip(queues, ready):
             for i, op in enumerate(q):
-                if i < r and getattr(op.finish, "error", None) is not None and not op.failed:
-                    op.failed = op.logged = True
-                    self._log_failure(op.kind, f"the {op.kind} running on the side stream", op.finish.error)
-                if i < r and op.kind == "encode" and not op.failed and faults.failed("tier.compress.complete"):
-                    op.failed = op.logged = True
-                    logger.warning("KVTC: an encode of %d nodes completed with a failure; the nodes stay hot "
-                                   "without blob", len(op.items))
-                flags.append(int(op.failed))
-        agreed = self.agree.min_vec(ready + [-f for f in flags])
+                if i < r and not op.polled:
+                    op.polled = True
+                    if getattr(op.finish, "error", None) is not None and not op.failed:
+                        op.failed = op.logged = True
+                        self._log_failure(op.kind, f"the {op.kind} running on the side stream", op.finish.error)
+                    if op.kind == "encode" and not op.failed and faults.failed("tier.compress.complete"):
+                        op.failed = op.logged = True
+                        logger.warning("KVTC: an encode of %d nodes completed with a failure; the nodes stay hot "
+                                       "without blob", len(op.items))
+                    try:
+                        faults.hit(self._ACK_POINT[op.kind])
+                    except Exception as exc:  # noqa: BLE001 - agreed below
+                        op.ack_error = exc
+                flags.append(int(op.failed) + 2 * int(op.ack_error is not None))
+        agreed = self.agree.min_vec(ready + [-f for f in flags])  # -MIN(-x) = MAX(x): one all-reduce
         pos = 3
-        for q, r in zip(queues, agreed[:3]):
+        for q in queues:
             for i, op in enumerate(q):
-                op.failed = bool(-agreed[pos + i])
+                f = -agreed[pos + i]
+                op.failed = bool(f & 1)
+                op.ack_failed = bool(f & 2)
             pos += len(q)
         for q, r in zip(queues, agreed[:3]):
             for _ in range(r):
@@ -317,10 +328,16 @@ class KVTCRadixCache(compat.RadixCache):
 
     def _ack(self, op: Op) -> None:
         handler = {"encode": self._ack_encode, "load": self._ack_load, "spill": self._ack_spill}[op.kind]
+        if op.ack_failed:
+            self.kvtc_counters.failures_ack += 1
+            if op.ack_error is not None:
+                logger.warning("KVTC: acknowledging a %s failed (%s: %s); its nodes are dropped to a safe state",
+                               op.kind, type(op.ack_error).__name__, op.ack_error)
+            self._ack_fallback(op)
+            return
         try:
-            faults.hit({"encode": "tier.compress.ack", "load": "tier.load.ack", "spill": "tier.spill.ack"}[op.kind])
             handler(op)
-        except Exception as exc:  # noqa: BLE001 - contained: the op's nodes end in a safe state
+        except Exception as exc:  # noqa: BLE001 - a bug: contained on this rank, the op's nodes end in a safe state
             self.kvtc_counters.failures_ack += 1
             logger.warning("KVTC: acknowledging a %s failed (%s: %s); its nodes are dropped to a safe state",
                            op.kind, type(exc).__name__, exc)
@@ -474,7 +491,7 @@ class KVTCRadixCache(compat.RadixCache):
             if not op.failed:
                 blob.crc = int(blob.crc_host.tolist()[0]) & 0xFFFFFFFF
         for i, (node, blob) in enumerate(op.items):
-            for n in list(self._blob_nodes.get(blob.id, ())):
+            for n in self._nodes_of(blob):
                 if state_of(n) is not S.ENCODING:
                     continue
                 ref = n.kvtc_ref
@@ -693,7 +710,6 @@ class KVTCRadixCache(compat.RadixCache):
         crc_event = None
         if items:
             try:
-                faults.hit("tier.evict.encode")
                 scratch_at = 0
                 jobs, copies = [], []
                 for node, plan, k, where in items:
@@ -710,6 +726,7 @@ class KVTCRadixCache(compat.RadixCache):
                         copies.append((dst, blob.rows))
                     jobs.append(self._EncodeJob(src_slots=node.value, start_pos=start, n_head=n_head, n_tail=n_tail,
                                                 dst_rows=dst, crc_out=blob.crc_dev))
+                faults.hit("tier.evict.encode")  # after the blobs exist: blob ids stay equal across TP ranks
                 with self.transfer.on_current():
                     self.codec.encode(self.pool_rows, jobs)
                     if copies:
@@ -1032,16 +1049,15 @@ class KVTCRadixCache(compat.RadixCache):
             self.kvtc_counters.integrity_dropped_tokens += total
             if batch is not None and hasattr(batch, "close"):
                 batch.close()
-            for blob in promoted:  # the pool copy goes (the node and its host copy go with the drop below)
+            for blob in promoted:  # the pool copies go (the nodes and host copies go with the drop below)
                 if blob.on_device and blob.alive:
-                    self.blobs.free_device_copy(blob)
-            self.token_to_kv_pool_allocator.free_segment(slots[:total], start_pos=0)
-            if len(slots) > at:  # promotion slots never adopted
-                self.token_to_kv_pool_allocator.free_segment(slots[at:], start_pos=0)
+                    self.blobs.free_device_copy(blob, to_allocator=False)
+            # one free, in one order on every rank, whatever was promoted here before the failure
+            self.token_to_kv_pool_allocator.free_segment(slots, start_pos=0)
             self._drop_chain_from(chain, 0, lock)
             return empty, anchor
         for blob in promoted:  # promoted blobs are device blobs again: their nodes are COMPRESSED now
-            for n in list(self._blob_nodes.get(blob.id, ())):
+            for n in self._nodes_of(blob):
                 if state_of(n) is S.HOST:
                     self._set(n, S.COMPRESSED, n.kvtc_ref)
         # 4. the chain is LOADING: slots set, locked, blobs pinned until the ack
@@ -1278,7 +1294,7 @@ class KVTCRadixCache(compat.RadixCache):
         changed = True
         while changed:
             changed = False
-            for node in list(self._orphans):
+            for node in sorted(self._orphans, key=lambda n: n.id):
                 if node.lock_ref > 0 or any(c in self._orphans for c in node.children.values()):
                     continue
                 self._orphans.discard(node)
@@ -1442,6 +1458,10 @@ class KVTCRadixCache(compat.RadixCache):
     # Node bookkeeping
     # ------------------------------------------------------------------------------------------------------------------
 
+    def _nodes_of(self, blob: Blob) -> list:
+        """The nodes referencing ``blob``, in creation order (every rank visits them, and frees, in one order)."""
+        return sorted(self._blob_nodes.get(blob.id, ()), key=lambda n: n.id)
+
     def _account_hot(self, node: Any, sign: int) -> None:
         if node.lock_ref > 0:
             self.protected_size_ += sign * len(node.key)
@@ -1491,12 +1511,12 @@ class KVTCRadixCache(compat.RadixCache):
         (and its host-only subtree) is deleted."""
         blob = node.kvtc_ref.blob
         if blob.host_verified and not blob.protected:
-            for n in list(self._blob_nodes.get(blob.id, ())):
+            for n in self._nodes_of(blob):
                 if state_of(n) is S.HOT_BLOB:  # the redundant hot half lets go of it first
                     self._set(n, S.HOT, None)
             if blob.alive and all(state_of(n) is S.COMPRESSED for n in self._blob_nodes.get(blob.id, ())):
                 self.blobs.free_device_copy(blob)
-                for n in list(self._blob_nodes.get(blob.id, ())):
+                for n in self._nodes_of(blob):
                     self._set(n, S.HOST, n.kvtc_ref)
                 self.kvtc_counters.demotions += 1
                 return
@@ -1544,7 +1564,7 @@ class KVTCRadixCache(compat.RadixCache):
             for i, (node, blob) in enumerate(op.items):
                 if blob.alive and blob.writing:
                     self.blobs.end_write(blob)
-                for n in list(self._blob_nodes.get(blob.id, ())):
+                for n in self._nodes_of(blob):
                     if state_of(n) is S.ENCODING:
                         self._set(n, S.HOT, None)
                 if i not in op.done:
@@ -1584,7 +1604,7 @@ class KVTCRadixCache(compat.RadixCache):
             self.drain()
             values = [n.value for n in self._iter_nodes() if n.value is not None and len(n.value)]
             values += [b.slots for b in self.blobs.blobs() if b.on_device and b.num_slots]
-            values += [n.value for n in self._orphans if n.value is not None]
+            values += [n.value for n in sorted(self._orphans, key=lambda n: n.id) if n.value is not None]
             if values:
                 self.token_to_kv_pool_allocator.free(torch.cat(values))
             for b in self.blobs.blobs():

@@ -76,6 +76,9 @@ class Op:
     consumer_index: int = -1
     done: set = field(default_factory=set)  # indices of items already acknowledged
     logged: bool = False  # this rank already logged the failure
+    polled: bool = False  # its completion was seen (local checks done)
+    ack_error: BaseException | None = None  # processing its acknowledgement failed on this rank
+    ack_failed: bool = False  # ... on some rank (agreed)
 
 
 class TransferEngine:
