@@ -78,23 +78,22 @@ def make_radix_cache(allocator: Any, max_context: int) -> Any:
 
 def make_kvtc_cache(allocator: Any, artifact: Any, options: Any, max_context: int, *,
                     host_budget_bytes: int = 0) -> Any:
-    """A ``KVTCRadixCache`` over ``allocator`` with the reference pool codec on the CPU.
+    """A ``KVTCRadixCache`` over ``allocator`` with the batched pool codec (PyTorch route) on the CPU; blobs live
+    in the pool's own slots (``options.store_budget`` is an optional cap on them).
 
-    The store budget is ``options.store_budget`` (bytes, or a fraction of the pool's bytes), on top of the pool.
     Raises CalibrationMismatchError when the artifact does not fit the pool.
     """
-    from kvtc_sglang.cache.options import parse_bytes
     from kvtc_sglang.cache.radix_cache import KVTCRadixCache
     from kvtc_sglang.codec.artifact import check_artifact_matches
+    from kvtc_sglang.codec.batched import BatchedPoolCodec
     from kvtc_sglang.codec.codec import KVTCCodec
-    from kvtc_sglang.codec.pool_codec import PoolCodec
 
     pool = compat.kv_pool_of(allocator)
     check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
                            head_dim=int(pool.head_dim), tp_size=1, tp_rank=0)
-    codec = KVTCCodec(artifact, int(options.ratio), device="cpu", entropy=options.entropy)
-    store_bytes = parse_bytes(options.store_budget, int(sum(pool.get_kv_size_bytes())), what="--kvtc-store-budget")
-    return KVTCRadixCache(cache_init_params(allocator, max_context), PoolCodec(codec), options, store_bytes,
+    codec = BatchedPoolCodec(KVTCCodec(artifact, int(options.ratio), device="cpu", entropy="none"),
+                             pool.k_buffer[0].dtype, reference=True)
+    return KVTCRadixCache(cache_init_params(allocator, max_context), codec, options,
                           host_budget_bytes=host_budget_bytes, stats_interval_s=float("inf"))
 
 
@@ -164,8 +163,16 @@ class MiniEngine:
         return [int(i) for i in ids]
 
     # --- slots ----------------------------------------------------------------------------------------------------
+    def _scheduler_step(self) -> None:
+        """What SGLang's scheduler runs once per iteration before forming a batch (a compressed tier acknowledges
+        finished work and compresses ahead there); every forward here stands for one iteration."""
+        step = getattr(self.tree_cache, "step", None)
+        if step is not None:
+            step()
+
     def _alloc(self, n: int, stats: ChatStats) -> torch.Tensor:
         """``n`` slots, evicting the shortfall first (``alloc_for_extend``/``alloc_for_decode`` on page size 1)."""
+        self._scheduler_step()
         available = self.allocator.available_size()
         if available < n:
             stats.evict_requested_tokens += n - available
@@ -226,7 +233,9 @@ class MiniEngine:
         if self.req_to_token_pool.alloc([req]) is None:
             raise RuntimeError("no free request row")
 
-        # match, load back, lock (Req.init_next_round_input + PrefillAdder.add_one_req)
+        # the scheduler step (a compressed tier acknowledges work and compresses ahead here), then match, load back,
+        # lock (Req.init_next_round_input + PrefillAdder.add_one_req)
+        self._scheduler_step()
         key = compat.RadixKey(array("q", ids), limit=len(ids) - 1)
         match = cache_tree.match_prefix(compat.MatchPrefixParams(key=key, req=req))
         prefix, req.last_node = match.device_indices, match.last_device_node
@@ -240,6 +249,9 @@ class MiniEngine:
                     best_match_node=match.best_match_node, host_hit_length=match.host_hit_length, req=req))
             finally:
                 cache_tree.dec_lock_ref(lock_node)
+            start_loading = getattr(cache_tree, "start_loading", None)
+            if start_loading is not None:  # the batch formed: the layer-wise decode runs (inline on the CPU)
+                start_loading([req])
             prefix = torch.cat([prefix, new])
             stats.loaded_back_tokens = len(new)
             stats.load_back_s = time.perf_counter() - t0
