@@ -401,3 +401,4 @@ def test_bad_jobs_raise_typed_errors_before_any_work(art):
         bc.decode_layers(batch, range(0, L + 1))
     for buf, old in zip(pool.k + pool.v, snap):
         assert torch.equal(buf.view(torch.uint8), old.view(torch.uint8))
+
