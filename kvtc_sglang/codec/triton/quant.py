@@ -227,7 +227,7 @@ def unpack_dequantize(section: torch.Tensor, tables: BlockTables, m_total: int, 
     Args:
         out: shape [m_pad >= n_rows, width], float32 or float16, width >= rank (the kernel needs a
              multiple of 64, <= r_dec); columns >= rank and rows >= n_rows are set to 0.
-    Non-finite params are not checked here (the blob checksum guards against corruption).
+    Non-finite params are not checked here (the blob CRC-32 guards against corruption).
     """
     _check_section(section, tables, m_total, row0, n_rows)
     _check_coeffs("coefficients", out, tables, n_rows, tables.rank, (torch.float32, torch.float16))
