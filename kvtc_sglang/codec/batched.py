@@ -328,8 +328,9 @@ class BatchedPoolCodec:
         state.pool = pool
         batch = DecodeBatch(tuple(jobs), self.shape[0], state=state)
         batch.launches = LAUNCHES.total - start
-        if not plan.n_rows and not plan.n_exact:
+        if not plan.n_rows and not plan.n_exact:  # nothing to write: decode_layers calls are no-ops
             batch.layers_done.update(range(self.shape[0]))
+            batch.empty = True
             batch.close()
         return batch
 
@@ -349,6 +350,8 @@ class BatchedPoolCodec:
         """
         st = batch.state
         if st is None:
+            if batch.empty:
+                return
             raise ShapeError("decode batch is closed (all layers written, or close() was called)")
         L = self.shape[0]
         lo, hi = (layers.start, layers.stop) if isinstance(layers, range) else tuple(layers)

@@ -399,6 +399,9 @@ def test_bad_jobs_raise_typed_errors_before_any_work(art):
     batch = bc.decode_begin(pr, [DecodeJob(j.dst_rows, lay, 0, (0, 30), pool.alloc_tokens(30))])
     with pytest.raises(ShapeError):
         bc.decode_layers(batch, range(0, L + 1))
+    empty = bc.decode_begin(pr, [DecodeJob(j.dst_rows, lay, 0, (5, 5), torch.zeros(0, dtype=torch.int64))])
+    assert empty.complete and empty.empty
+    bc.decode_layers(empty, range(0, 1))  # nothing to write: a no-op, not an error
     for buf, old in zip(pool.k + pool.v, snap):
         assert torch.equal(buf.view(torch.uint8), old.view(torch.uint8))
 
