@@ -442,8 +442,8 @@ class BatchedPoolCodec:
 
         if token_ids is not None and len(token_ids) != layout.n_tokens:
             raise ShapeError(f"{len(token_ids)} token ids for a run of {layout.n_tokens} tokens")
-        h = self.codec.header(self.store_dtype, layout.n_tokens, start_pos, layout.n_head, layout.n_tail,
-                              layout.nbytes, token_ids)
+        h = self.codec.header(self.store_dtype, 0, layout.n_tokens, start_pos, layout.n_head, layout.n_tail,
+                              layout.nbytes, token_ids=token_ids)
         return blobfmt.header_bytes(h, int(payload_crc))
 
     def parse_blob(self, blob: torch.Tensor, *, expected_start: int | None = None, expected_token_ids=None):

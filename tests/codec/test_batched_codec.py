@@ -440,3 +440,25 @@ def test_spilled_blob_round_trip_with_crc_and_token_binding(art):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     nh = lay.n_head
     assert torch.equal(outs[1][0][:nh], kvs[2][0][:nh]) and torch.equal(outs[1][1][:nh], kvs[2][1][:nh])
+
+
+def test_blob_layout_and_payload_layout_place_every_part_at_the_same_offsets(art):
+    """The two views of the payload arithmetic (payload_layout.py) agree."""
+    codec, bc = _codec(art, torch.bfloat16)
+    for n, nh, nt in ((50, 4, 8), (9, 0, 9), (1, 0, 0), (33, 2, 0)):
+        lay = bc.blob_layout(n, nh, nt)
+        pl = codec.payload_layout(nh, nt, n - nh - nt, torch.bfloat16)
+        assert (pl.exact_bytes, pl.raw_size) == (lay.exact_bytes, lay.nbytes)
+        assert pl.section_offset(0) == lay.section("k", 0).offset
+        assert pl.section_offset(1) == lay.section("v", 0).offset
+        for a, b in ((0, n), (nh, n), (0, nh), (n // 2, n)):
+            tr, rows = lay.clip_range(a, b), pl.token_rows(a, b)
+            assert (rows.head.row0, rows.head.n_rows, rows.head.idx0) == (tr.head_row0, tr.head_n, 0)
+            assert (rows.tail.row0, rows.tail.n_rows, rows.tail.idx0) == (tr.tail_row0, tr.tail_n, tr.tail_dst0)
+            assert (rows.coded.row0, rows.coded.n_rows, rows.coded.idx0) == (tr.coded_tok0, tr.coded_n, tr.coded_dst0)
+
+
+def test_the_codec_satisfies_the_tier_protocol(art):
+    from kvtc_sglang.codec.interfaces import BatchedCodec
+
+    assert isinstance(_codec(art, torch.bfloat16)[1], BatchedCodec)
