@@ -31,10 +31,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kvtc_sglang.codec.report_cli import ensure_artifact
     from kvtc_sglang.eval.accuracy import EvalSettings, eval_windows, evaluate, format_table
-    from kvtc_sglang.eval.machine import git_commit, machine_description
+    from kvtc_sglang.eval.provenance import git_commit, machine_description
     from kvtc_sglang.eval.plots import plot_accuracy
+    from kvtc_sglang.models.calibration import ensure_artifact
     from kvtc_sglang.models.smollm2 import load_model
 
     if args.threads:

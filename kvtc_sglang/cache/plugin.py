@@ -36,7 +36,6 @@ from kvtc_sglang.cache.options import ENTROPY_CHOICES, KV_COMPRESS_CHOICES, VERI
 from kvtc_sglang.cache.startup_checks import (
     BACKEND_NAME,
     attention_tp,
-    check_build_context,
     check_option_conflicts,
     check_server_args,
     require_calibration,
@@ -85,21 +84,15 @@ def _register_backend() -> None:
 
 
 def build_tree_cache(ctx: Any) -> Any:
-    """Radix-cache factory of backend ``kvtc``: refuse unsupported models/caches, then build KVTCRadixCache.
+    """Radix-cache factory of backend ``kvtc`` (``ctx``: SGLang's ``TreeCacheBuildContext``):
+    ``cache.factory.build_tree_cache``.
 
-    ``ctx`` is SGLang's ``TreeCacheBuildContext``.
-    """
+    The factory (the cache class, sglang's tree) is imported here, when a scheduler builds its cache, not when the
+    plugin registers in the launcher."""
+    from kvtc_sglang.cache import factory
+
     options = KVTCOptions.from_server_args(ctx.server_args)
-    card = check_build_context(ctx, options)
-    if options.capturing:
-        from kvtc_sglang.cache.capture import KVCaptureRadixCache
-
-        return KVCaptureRadixCache.from_build_context(ctx, options)
-    logger.info("KVTC: TP rank %d uses calibration card %s, plan %s; blobs live in the KV pool's slots (cap: %s)",
-                ctx.tp_rank, card.path, card.plan_key(options.ratio), options.store_budget or "none")
-    from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-
-    return KVTCRadixCache.from_build_context(ctx, options)
+    return factory.build_tree_cache(ctx, options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,7 +101,7 @@ def build_tree_cache(ctx: Any) -> Any:
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     """Add the ``--kv-compress``/``--kvtc-*`` flags in their own help group (no-op if the parser has them)."""
-    if "--kv-compress" in parser._option_string_actions:
+    if compat.parser_has_flag(parser, "--kv-compress"):
         return
     d = KVTCOptions()
     group = parser.add_argument_group(
@@ -130,9 +123,9 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
                        help="Pinned host memory for blobs pushed out of the GPU store, in bytes ('8GiB'); "
                             "'0' (default) drops them instead.")
     group.add_argument("--kvtc-sink-tokens", type=int, default=d.sink_tokens, metavar="N",
-                       help="Leading tokens of every sequence kept exact (attention sinks; default 4).")
+                       help=f"Leading tokens of every sequence kept exact (attention sinks; default {d.sink_tokens}).")
     group.add_argument("--kvtc-window-tokens", type=int, default=d.window_tokens, metavar="N",
-                       help="Most recent tokens of a cached sequence kept exact (default 128).")
+                       help=f"Most recent tokens of a cached sequence kept exact (default {d.window_tokens}).")
     group.add_argument("--kvtc-entropy", type=str, choices=ENTROPY_CHOICES, default=d.entropy,
                        help="Lossless stage after quantization: 'auto' (default: none on GPU, where it costs more "
                             "time than it saves memory; DEFLATE on CPU), 'deflate', 'gdeflate', 'ans' or 'none'.")

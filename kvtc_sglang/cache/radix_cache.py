@@ -62,7 +62,6 @@ from kvtc_sglang.cache.policy import Action, TierPolicy
 from kvtc_sglang.cache.tier_state import COLD_STATES, BlobRef, NodeState, Tier, ref_of, set_state, state_of
 from kvtc_sglang.cache.tp_agreement import TPAgreement
 from kvtc_sglang.cache.transfer import COMPRESS, LOAD, Op, TransferEngine, host_buffer
-from kvtc_sglang.codec.codec import exact_token_counts
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
 
 logger = logging.getLogger(__name__)
@@ -173,41 +172,6 @@ class KVTCRadixCache(compat.RadixCache):
         layout = codec.blob_layout(n, head, min(options.window_tokens, n - head))
         rows = -(-int(layout.nbytes) // self.row_bytes)
         return codec.pool_rows(self._k_buffers, self._v_buffers, scratch_rows=rows)
-
-    @classmethod
-    def from_build_context(cls, ctx: Any, options: KVTCOptions) -> "KVTCRadixCache":
-        """Build the cache for SGLang's ``TreeCacheBuildContext``: load this rank's calibration, make the batched
-        pool codec, register the layer counter (CUDA), warm the codec's kernels up (counted as ``jit_compiles``).
-
-        Raises CalibrationMismatchError when the artifact does not fit the pool.
-        """
-        from kvtc_sglang.cache.startup_checks import attention_tp
-        from kvtc_sglang.codec.artifact import check_artifact_matches, load_artifact, rank_artifact_path
-        from kvtc_sglang.codec.batched import BatchedPoolCodec
-        from kvtc_sglang.codec.codec import KVTCCodec
-
-        params = ctx.params
-        pool = compat.kv_pool_of(params.token_to_kv_pool_allocator)
-        tp_size = attention_tp(ctx.server_args)
-        tp_rank = int(ctx.tp_rank) % tp_size
-        artifact = load_artifact(rank_artifact_path(options.calibration, tp_size, tp_rank))
-        check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
-                               head_dim=int(pool.head_dim), tp_size=tp_size, tp_rank=tp_rank)
-        device = pool.k_buffer[0].device
-        store_dtype = pool.k_buffer[0].dtype
-        kv_dtype = pool.dtype if store_dtype == torch.uint8 else None
-        codec = BatchedPoolCodec(KVTCCodec(artifact, int(options.ratio), device=device, entropy="none"),
-                                 store_dtype, kv_dtype)
-        counter = None
-        if device.type == "cuda":
-            counter = compat.LayerDoneCounter(len(pool.k_buffer))
-            compat.register_layer_counter(pool, getattr(ctx, "tp_worker", None), counter)
-        group = params.tp_cache_group if params.tp_cache_group is not None else ctx.tp_group
-        cache = cls(params, codec, options, tp_group=group, layer_counter=counter,
-                    metric_labels={"cache_type": cls.__name__, "tp_rank": str(ctx.tp_rank)})
-        compiles = cache.codec.warmup(cache.pool_rows)
-        logger.info("KVTC: codec warm-up compiled %d kernel variants", compiles)
-        return cache
 
     def _reset_tier_state(self) -> None:
         self._blob_nodes: dict[int, set] = {}
@@ -420,8 +384,7 @@ class KVTCRadixCache(compat.RadixCache):
         """(layout, start, n_head, n_tail) of a node's blob, or None when too few tokens would be coded."""
         n = len(node.key)
         start = self._depth(node)
-        n_head, n_tail = exact_token_counts(start, n, self.options.sink_tokens, self.options.window_tokens,
-                                            at_sequence_end=not node.children)
+        n_head, n_tail = self.options.exact_policy.counts(start, n, at_sequence_end=not node.children)
         if n - n_head - n_tail < self.options.min_compress_tokens:
             return None
         return self.codec.blob_layout(n, n_head, n_tail), start, n_head, n_tail

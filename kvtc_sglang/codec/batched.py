@@ -15,6 +15,10 @@ pageable host-to-device copy anywhere on these paths):
     codec.decode_layers(dbatch, range(lo, hi))    -> None         layers [lo, hi) of every job: reconstruct
                                                                   (GEMM, RoPE, cast) + exact rows, into dst_slots
     codec.copy_rows(pool, src_rows, dst_rows)     -> None         move blob rows (scratch -> a node's own slots)
+    codec.read_payload(pool, rows, layout)        -> Tensor       payload bytes, contiguous (host spill: D2H it)
+    codec.write_payload(pool, payload, rows, layout) -> None      contiguous payload -> blob rows (promotion)
+    codec.blob_header(layout, start_pos, payload_crc, token_ids) -> bytes   framed blob = header + payload (v2)
+    codec.parse_blob(host_blob, expected_start=, expected_token_ids=) -> (layout, start_pos, payload view)
     codec.warmup(pool)                            -> int          compile every kernel variant now; returns the
                                                                   compiles it caused
     jit_compiles()                                -> int          (module function) kernel compiles so far
@@ -268,11 +272,9 @@ class BatchedPoolCodec:
                     feats = ws.feats[:mpad]
                     ops.gather_features(pool.view, kt.kind, plan.row_slot, c0, mc, rope if kt.kind == 0 else None,
                                         kt.mean, feats)
-                    LAUNCHES.count("gather_features")
                     for bt in kt.blocks:
                         coeffs = ws.coeffs[bt.r_enc][:mpad]
                         ops.project(feats[:, bt.offset : bt.offset + bt.p], bt, coeffs, mc)
-                        LAUNCHES.count("project")
                         ops.quantize(pool, plan, st, bt, self.section_of[kt.kind, bt.index], coeffs, ws.params, c0, mc)
         ops.finish_encode(pool, plan, st)
         crc = ops.crc(pool, plan, st)
@@ -326,8 +328,9 @@ class BatchedPoolCodec:
         state.pool = pool
         batch = DecodeBatch(tuple(jobs), self.shape[0], state=state)
         batch.launches = LAUNCHES.total - start
-        if not plan.n_rows and not plan.n_exact:
+        if not plan.n_rows and not plan.n_exact:  # nothing to write: decode_layers calls are no-ops
             batch.layers_done.update(range(self.shape[0]))
+            batch.empty = True
             batch.close()
         return batch
 
@@ -338,7 +341,6 @@ class BatchedPoolCodec:
                     continue
                 out = ws.coeffs[kt.kind, bt.index][: round_up(n, ROW_PAD)]
                 self.ops.unpack(pool, plan, st, bt, self.section_of[kt.kind, bt.index], c0, n, out)
-                LAUNCHES.count("unpack")
 
     def decode_layers(self, batch: DecodeBatch, layers: range) -> None:
         """Write layers `layers` (a contiguous range) of every job of the batch into its dst_slots.
@@ -348,6 +350,8 @@ class BatchedPoolCodec:
         """
         st = batch.state
         if st is None:
+            if batch.empty:
+                return
             raise ShapeError("decode batch is closed (all layers written, or close() was called)")
         L = self.shape[0]
         lo, hi = (layers.start, layers.stop) if isinstance(layers, range) else tuple(layers)
@@ -374,7 +378,6 @@ class BatchedPoolCodec:
                     coeffs = st.ws.coeffs[kt.kind, bt.index][: round_up(n, ROW_PAD)]
                     ops.reconstruct(coeffs, bt, rope if kt.kind == 0 else None, pool.view, kt.kind, plan.row_slot,
                                     c0, n, (a, b))
-                    LAUNCHES.count("reconstruct")
         ops.decode_exact(pool, plan, st.staging, (lo, hi))
         batch.layers_done.update(range(lo, hi))
         batch.launches += LAUNCHES.total - start
@@ -401,6 +404,70 @@ class BatchedPoolCodec:
         plan = bp.plan_crc([rows], [layout], pool.crc_segment, self.device)
         return self.ops.crc(pool, plan, self.ops.begin_encode(pool, plan))
 
+    # ------------------------------------------------------------------ blobs leaving the device
+    def read_payload(self, pool: PoolRows, rows: torch.Tensor, layout: BlobLayout,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """The payload stored in `rows` as one contiguous 1-D uint8 device tensor (one launch, no host sync);
+        `out` ([layout.nbytes] uint8 on the pool's device) is filled when given. For a host spill: copy it to
+        pinned memory (non_blocking) and put `blob_header(...)` in front of it."""
+        self._check_pool(pool)
+        if rows.dtype != torch.int64 or rows.dim() != 1 or rows.numel() != layout.n_rows:
+            raise ShapeError(f"rows must be [{layout.n_rows}] int64")
+        if out is None:
+            out = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        elif out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != layout.nbytes or out.device != self.device:
+            raise ShapeError(f"out must be [{layout.nbytes}] uint8 on {self.device}")
+        if layout.nbytes:
+            self.ops.rows_to_flat(pool, rows, out)
+        return out
+
+    def write_payload(self, pool: PoolRows, payload: torch.Tensor, rows: torch.Tensor, layout: BlobLayout) -> None:
+        """Store a payload (1-D uint8 device tensor of layout.nbytes, e.g. a promoted host blob's data after its
+        H2D copy) into blob rows (one launch)."""
+        self._check_pool(pool)
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != layout.nbytes \
+                or payload.device != self.device:
+            raise ShapeError(f"payload must be [{layout.nbytes}] uint8 on {self.device}")
+        if rows.dtype != torch.int64 or rows.dim() != 1 or rows.numel() != layout.n_rows:
+            raise ShapeError(f"rows must be [{layout.n_rows}] int64")
+        if layout.nbytes:
+            self.ops.flat_to_rows(pool, payload, rows)
+
+    def blob_header(self, layout: BlobLayout, start_pos: int, payload_crc: int, token_ids=None) -> bytes:
+        """Header bytes (format v2) of the framed blob = these bytes + the payload (host arithmetic only).
+
+        payload_crc: the payload's zlib CRC-32 (EncodeBatch.crc, read at the ack); the blob's CRC is derived from it.
+        """
+        from kvtc_sglang.codec import blob as blobfmt
+
+        if token_ids is not None and len(token_ids) != layout.n_tokens:
+            raise ShapeError(f"{len(token_ids)} token ids for a run of {layout.n_tokens} tokens")
+        h = self.codec.header(self.store_dtype, 0, layout.n_tokens, start_pos, layout.n_head, layout.n_tail,
+                              layout.nbytes, token_ids=token_ids)
+        return blobfmt.header_bytes(h, int(payload_crc))
+
+    def parse_blob(self, blob: torch.Tensor, *, expected_start: int | None = None, expected_token_ids=None):
+        """Check a framed host blob (1-D uint8 CPU tensor) and locate its payload: (layout, start_pos, payload view).
+
+        Verifies on the host (zlib): CRC-32, format version, this codec's artifact, plan and pool dtype, the
+        payload size, and the caller's start position and token ids when given. Raises BlobFormatError.
+        """
+        from kvtc_sglang.codec import blob as blobfmt
+        from kvtc_sglang.codec.errors import BlobFormatError
+
+        if blob.device.type != "cpu":
+            raise ShapeError("parse_blob checks host blobs; copy a device blob to the host first")
+        h = self.codec.read_header(blob, expected_start=expected_start, expected_token_ids=expected_token_ids)
+        if h.coder != 0:
+            raise BlobFormatError("the device tier stores uncoded payloads; decode entropy-coded blobs with KVTCCodec")
+        if blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype] != self.store_dtype:
+            raise BlobFormatError(f"blob rows are {blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]}, the pool "
+                                  f"{self.store_dtype}")
+        layout = self.blob_layout(h.n_tokens, h.n_head, h.n_tail)
+        if layout.nbytes != h.raw_size:
+            raise BlobFormatError(f"blob payload is {h.raw_size} bytes, {layout.nbytes} expected")
+        return layout, h.start_pos, blob[h.data_offset :]
+
     # ------------------------------------------------------------------ warm-up
     def _warmup_layout(self) -> BlobLayout:
         return self.blob_layout(5, 1, 1)
@@ -424,6 +491,8 @@ class BatchedPoolCodec:
         batch = self.decode_begin(pool, [DecodeJob(rows, lay, 0, (0, lay.n_tokens), zero)])
         self.decode_layers(batch, range(0, self.shape[0]))
         self.copy_rows(pool, rows[:1], rows[:1])
+        flat = self.read_payload(pool, rows, lay)
+        self.write_payload(pool, flat, rows, lay)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return jit_compiles() - before

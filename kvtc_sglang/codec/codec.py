@@ -11,35 +11,25 @@ features are the row-major flattening [n, p], p = L*H*D.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvtc_sglang.codec import blob as blobfmt
 from kvtc_sglang.codec.artifact import CalibrationArtifact
 from kvtc_sglang.codec.entropy import (
-    CODER_IDS,
-    CODER_NAMES,
     DEFAULT_CHUNK_BYTES,
     EntropyCoder,
+    EntropyCoderId,
     NoEntropy,
     get_entropy_coder,
     split_chunks,
 )
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
+from kvtc_sglang.codec.kinds import KINDS, Kind
 from kvtc_sglang.codec.payload import KindCoder
+from kvtc_sglang.codec.payload_layout import PayloadLayout
 from kvtc_sglang.codec.rope import RopeConfig, apply_rope, undo_rope
-
-
-def exact_token_counts(start_pos: int, n: int, sink_tokens: int, window_tokens: int, at_sequence_end: bool) -> tuple[int, int]:
-    """(n_head, n_tail): tokens of a run [start_pos, start_pos + n) that stay exact.
-
-    Positions below `sink_tokens` are attention sinks; when the run ends a cached sequence, its last
-    `window_tokens` tokens are the recent window.
-    """
-    n_head = max(0, min(n, sink_tokens - start_pos))
-    n_tail = min(window_tokens, n - n_head) if at_sequence_end else 0
-    return n_head, n_tail
 
 
 @dataclass
@@ -69,7 +59,7 @@ class KVTCCodec:
         self.p = artifact.p
         plans = artifact.plan(self.ratio)
         self.kinds = {kind: KindCoder(artifact.blocks[kind], plans.for_kind(kind), self.p, self.device, artifact.clip.get(kind))
-                      for kind in ("k", "v")}
+                      for kind in KINDS}
         self.rope = RopeConfig.from_dict(artifact.model["rope"])
         self.coder = get_entropy_coder(entropy, self.device) if isinstance(entropy, str) else entropy
         self.chunk_bytes = int(chunk_bytes)
@@ -80,9 +70,18 @@ class KVTCCodec:
         """Packed bytes of one compressed token (K + V), before the entropy stage."""
         return self.kinds["k"].bytes_per_token + self.kinds["v"].bytes_per_token
 
+    def payload_layout(self, n_head: int, n_tail: int, n_coded: int, exact_dtype: torch.dtype) -> PayloadLayout:
+        """The raw payload layout of a run with these token counts under this codec's plan."""
+        kind_bytes = (self.kinds["k"].bytes_per_token, self.kinds["v"].bytes_per_token)
+        return PayloadLayout(n_head, n_tail, n_coded, self.p, exact_dtype, kind_bytes)
+
+    def header_layout(self, h: blobfmt.BlobHeader) -> PayloadLayout:
+        """The raw payload layout a blob header describes."""
+        return self.payload_layout(h.n_head, h.n_tail, h.n_coded, blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype])
+
     def raw_size(self, n_tokens: int, n_exact: int, exact_dtype: torch.dtype) -> int:
-        esize = torch.empty(0, dtype=exact_dtype).element_size()
-        return n_exact * 2 * self.p * esize + (n_tokens - n_exact) * self.coded_bytes_per_token()
+        """Bytes of the raw payload of ``n_tokens`` tokens, ``n_exact`` of them exact rows of ``exact_dtype``."""
+        return self.payload_layout(n_exact, 0, n_tokens - n_exact, exact_dtype).raw_size
 
     # ------------------------------------------------------------------ encode
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -95,15 +94,16 @@ class KVTCCodec:
         return k.shape[0]
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, n_head: int = 0, n_tail: int = 0,
-               coded_view: torch.dtype | None = None) -> torch.Tensor:
+               coded_view: torch.dtype | None = None, token_ids=None) -> torch.Tensor:
         """Compress a run of tokens at positions [start_pos, start_pos + n).
 
         Args:
             k, v: [n, L, H, D] keys (post-RoPE, as the pool stores them) and values, pool dtype.
             n_head, n_tail: leading / trailing tokens stored exact.
             coded_view: for uint8 (fp8-storage) rows, the fp8 dtype to read coded rows as.
+            token_ids: the run's n token ids (host ints); their hash is bound into the header.
         Returns:
-            blob: 1-D uint8 tensor on the codec's device.
+            blob: 1-D uint8 tensor on the codec's device (format version 2, blob.py).
         """
         n = self._check_kv(k, v)
         if n_head < 0 or n_tail < 0 or n_head + n_tail > n:
@@ -127,14 +127,35 @@ class KVTCCodec:
             parts.append(self.kinds["k"].encode(kx))
             parts.append(self.kinds["v"].encode(vx))
         payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device)
-        return self.frame(payload, k.dtype, n, start_pos, n_head, n_tail)
+        return self.frame(payload, k.dtype, n, start_pos, n_head, n_tail, token_ids=token_ids)
+
+    def header(self, exact_dtype: torch.dtype, coder: int, n: int, start_pos: int, n_head: int, n_tail: int,
+               raw_size: int, n_chunks: int = 0, data_size: int | None = None, token_ids=None) -> blobfmt.BlobHeader:
+        """The (format 2) header of a blob of this codec (fingerprint, plan) over a raw payload of ``raw_size`` bytes;
+        ``token_ids`` (host ints), when given, are bound into it (`blob.token_hash`). `blob.frame`/`assemble` fill in
+        sizes and the CRC."""
+        return blobfmt.BlobHeader(
+            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
+            coder=int(coder), n_tokens=n, start_pos=int(start_pos), n_head=n_head, n_tail=n_tail,
+            chunk_bytes=self.chunk_bytes, n_chunks=n_chunks, raw_size=raw_size,
+            data_size=raw_size if data_size is None else data_size,
+            token_hash=blobfmt.token_hash(token_ids) if token_ids is not None else 0,
+            flags=blobfmt.FLAG_TOKENS_BOUND if token_ids is not None else 0,
+        )
 
     def frame(self, payload: torch.Tensor, exact_dtype: torch.dtype, n: int, start_pos: int, n_head: int,
-              n_tail: int) -> torch.Tensor:
-        """Entropy stage + header + chunk table + checksum around a raw payload (1-D uint8) -> blob.
+              n_tail: int, *, token_ids=None, payload_crc=None) -> torch.Tensor:
+        """Header (+ entropy stage and chunk table when a coder is used) + CRC-32 around a raw payload -> blob.
 
-        Chunks that do not shrink are stored as they are.
+        With no entropy coder the blob is the header followed by the payload (one copy, no per-chunk work, no
+        host sync); otherwise chunks that do not shrink are stored as they are.
         """
+        if token_ids is not None and len(token_ids) != n:
+            raise ShapeError(f"{len(token_ids)} token ids for a run of {n} tokens")
+        header = self.header(exact_dtype, EntropyCoderId.NONE, n, start_pos, n_head, n_tail, payload.numel(),
+                             token_ids=token_ids)
+        if self.coder.name == "none":
+            return blobfmt.frame(header, payload, payload_crc)
         chunks = split_chunks(payload, self.chunk_bytes)
         comp = self.coder.compress(chunks)
         stored, flags = [], []
@@ -142,16 +163,15 @@ class KVTCCodec:
             use_raw = c.numel() >= raw.numel()
             stored.append(raw if use_raw else c)
             flags.append(use_raw)
-        header = blobfmt.BlobHeader(
-            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
-            coder=CODER_IDS[self.coder.name], n_tokens=n, start_pos=int(start_pos), n_head=n_head,
-            n_tail=n_tail, chunk_bytes=self.chunk_bytes, n_chunks=len(stored), raw_size=payload.numel(), data_size=0,
-        )
-        return blobfmt.assemble(header, stored, flags)
+        return blobfmt.assemble(replace(header, coder=EntropyCoderId.of(self.coder.name)), stored, flags)
 
     # ------------------------------------------------------------------ decode
-    def read_header(self, blob: torch.Tensor, expected_tokens: int | None = None, expected_start: int | None = None) -> blobfmt.BlobHeader:
-        """Parse, verify (checksum) and check a blob against this codec and the caller's expectations."""
+    def read_header(self, blob: torch.Tensor, expected_tokens: int | None = None, expected_start: int | None = None,
+                    expected_token_ids=None) -> blobfmt.BlobHeader:
+        """Parse, verify (CRC-32) and check a blob against this codec and the caller's expectations.
+
+        expected_token_ids: the token ids the caller restores; the blob must be bound to exactly these.
+        """
         h = blobfmt.read_header(blob)
         if h.fingerprint != self.fingerprint:
             raise BlobFormatError("blob was encoded with another calibration artifact (fingerprint mismatch)")
@@ -161,22 +181,31 @@ class KVTCCodec:
             raise BlobFormatError(f"blob holds {h.n_tokens} tokens, caller expects {expected_tokens}")
         if expected_start is not None and h.start_pos != expected_start:
             raise BlobFormatError(f"blob starts at position {h.start_pos}, caller expects {expected_start}")
-        esize = torch.empty(0, dtype=blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]).element_size()
-        want_raw = (h.n_head + h.n_tail) * 2 * self.p * esize + h.n_coded * self.coded_bytes_per_token()
+        want_raw = self.header_layout(h).raw_size
         if h.raw_size != want_raw:
             raise BlobFormatError(f"blob payload is {h.raw_size} bytes, {want_raw} expected for its token counts")
-        blobfmt.verify_checksum(blob, h)
+        blobfmt.verify_crc(blob, h)
+        if expected_token_ids is not None:
+            if not h.tokens_bound:
+                raise BlobFormatError("blob is not bound to token ids, caller expects specific tokens")
+            if len(expected_token_ids) != h.n_tokens or blobfmt.token_hash(expected_token_ids) != h.token_hash:
+                raise BlobFormatError("blob was made from other token ids than the caller restores")
         return h
 
     def _coder_for(self, coder_id: int) -> EntropyCoder:
-        if coder_id == CODER_IDS[self.coder.name]:
+        if coder_id == EntropyCoderId.of(self.coder.name):
             return self.coder
-        if coder_id not in CODER_NAMES:
-            raise BlobFormatError(f"unknown entropy coder id {coder_id}")
-        return NoEntropy() if coder_id == 0 else get_entropy_coder(CODER_NAMES[coder_id], self.device)
+        try:
+            coder = EntropyCoderId(coder_id)
+        except ValueError:
+            raise BlobFormatError(f"unknown entropy coder id {coder_id}") from None
+        return NoEntropy() if coder == EntropyCoderId.NONE else get_entropy_coder(coder.coder_name, self.device)
 
     def payload(self, blob: torch.Tensor, h: blobfmt.BlobHeader) -> torch.Tensor:
-        """Inflate the chunks of a verified blob into its raw payload (1-D uint8)."""
+        """The raw payload (1-D uint8) of a verified blob: a view of an uncoded blob's data (no copy), or the
+        inflated chunks of an entropy-coded one."""
+        if h.coder == 0:
+            return blob[h.data_offset :]
         table = blobfmt.chunk_table(blob, h)
         sizes = [min(h.chunk_bytes, h.raw_size - i * h.chunk_bytes) for i in range(h.n_chunks)]
         coded = [(i, blob[o : o + s]) for i, (o, s, raw) in enumerate(table) if not raw]
@@ -200,6 +229,7 @@ class KVTCCodec:
         expected_start: int | None = None,
         token_range: tuple[int, int] | None = None,
         out_dtype: torch.dtype | None = None,
+        expected_token_ids=None,
     ) -> DecodedKV:
         """Decompress a blob (or the tokens [a, b) of it) back to K/V.
 
@@ -207,7 +237,7 @@ class KVTCCodec:
         from). Exact tokens come back bit-identical; raises BlobFormatError on any inconsistency.
         """
         blob = blob.to(self.device)
-        h = self.read_header(blob, expected_tokens, expected_start)
+        h = self.read_header(blob, expected_tokens, expected_start, expected_token_ids)
         a, b = token_range if token_range is not None else (0, h.n_tokens)
         if not (0 <= a <= b <= h.n_tokens):
             raise ShapeError(f"token range [{a}, {b}) outside a run of {h.n_tokens} tokens")
@@ -217,13 +247,14 @@ class KVTCCodec:
             raise ShapeError("coded rows of an fp8 (uint8-storage) blob need out_dtype=<the pool's fp8 dtype>")
         payload = self.payload(blob, h)
         L, H, D = self.shape
-        n_ex = h.n_head + h.n_tail
-        esize = torch.empty(0, dtype=exact_dtype).element_size()
-        ex_bytes = n_ex * 2 * self.p * esize
-        exact = payload[:ex_bytes].view(exact_dtype).view(n_ex, 2, L, H, D) if n_ex else None
+        layout = self.header_layout(h)
+        ex_src = payload
+        if payload.storage_offset() % exact_dtype.itemsize:  # a blob view at an odd offset: realign the exact rows
+            ex_src = payload[: layout.exact_bytes].clone()
+        exact = layout.exact_rows(ex_src, self.shape)
         if exact is not None and exact_dtype != out_dtype:
             if exact_dtype == torch.uint8:
-                if torch.empty(0, dtype=out_dtype).element_size() != 1:
+                if out_dtype.itemsize != 1:
                     raise ShapeError(f"exact rows are fp8 bytes; cannot return them as {out_dtype}")
                 exact = exact.view(out_dtype)
             else:
@@ -232,24 +263,21 @@ class KVTCCodec:
         v = torch.empty_like(k)
         # token index t in the run -> exact row (head), coded row, or exact row (tail)
         m = h.n_coded
-        head_lo, head_hi = a, min(b, h.n_head)
-        if head_hi > head_lo:
-            k[: head_hi - head_lo] = exact[head_lo:head_hi, 0]
-            v[: head_hi - head_lo] = exact[head_lo:head_hi, 1]
-        tail_start = h.n_head + m
-        tail_lo, tail_hi = max(a, tail_start), b
-        if tail_hi > tail_lo:
-            rows = slice(h.n_head + tail_lo - tail_start, h.n_head + tail_hi - tail_start)
-            k[tail_lo - a :] = exact[rows, 0]
-            v[tail_lo - a :] = exact[rows, 1]
-        c_lo, c_hi = max(a, h.n_head), min(b, tail_start)
-        if c_hi > c_lo:
-            ks = self.kinds["k"].section_bytes(m)
-            sec_k = payload[ex_bytes : ex_bytes + ks]
-            sec_v = payload[ex_bytes + ks :]
-            rows = slice(c_lo - h.n_head, c_hi - h.n_head)
+        head, tail, coded = layout.token_rows(a, b)
+        for part in (head, tail):
+            if part.n_rows:
+                rows = slice(part.row0, part.row0 + part.n_rows)
+                k[part.idx0 : part.idx0 + part.n_rows] = exact[rows, 0]
+                v[part.idx0 : part.idx0 + part.n_rows] = exact[rows, 1]
+        if coded.n_rows:
+            o_k, o_v = layout.section_offset(Kind.K), layout.section_offset(Kind.V)
+            sec_k = payload[o_k : o_k + layout.section_bytes(Kind.K)]
+            sec_v = payload[o_v : o_v + layout.section_bytes(Kind.V)]
+            rows = slice(coded.row0, coded.row0 + coded.n_rows)
+            out = slice(coded.idx0, coded.idx0 + coded.n_rows)
             kx = self.kinds["k"].decode(sec_k, m, rows).view(-1, L, H, D)
-            pos = torch.arange(h.start_pos + c_lo, h.start_pos + c_hi, device=self.device)
-            k[c_lo - a : c_hi - a] = apply_rope(kx, pos, self.rope).to(out_dtype)
-            v[c_lo - a : c_hi - a] = self.kinds["v"].decode(sec_v, m, rows).view(-1, L, H, D).to(out_dtype)
+            first = h.start_pos + h.n_head + coded.row0
+            pos = torch.arange(first, first + coded.n_rows, device=self.device)
+            k[out] = apply_rope(kx, pos, self.rope).to(out_dtype)
+            v[out] = self.kinds["v"].decode(sec_v, m, rows).view(-1, L, H, D).to(out_dtype)
         return DecodedKV(k, v, h)

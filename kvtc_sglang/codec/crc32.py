@@ -146,6 +146,8 @@ def crc32_rows_reference(flat: torch.Tensor, starts: torch.Tensor, lengths: list
     J = len(lengths)
     if J == 0:
         return torch.zeros(0, dtype=torch.int64, device=dev)
+    if flat.numel() == 0:  # only empty messages
+        flat = torch.zeros(1, dtype=torch.uint8, device=dev)
     seg = 16
     width = seg
     while width < max(lengths):
@@ -158,5 +160,5 @@ def crc32_rows_reference(flat: torch.Tensor, starts: torch.Tensor, lengths: list
     lead = width - n_dev  # leading zero bytes of each row
     idx = starts[:, None] + col[None, :] - lead[:, None]
     valid = col[None, :] >= lead[:, None]
-    data = torch.where(valid, flat[idx.clamp(0, max(flat.numel() - 1, 0))], torch.zeros((), dtype=torch.uint8, device=dev))
+    data = torch.where(valid, flat[idx.clamp(0, flat.numel() - 1)], torch.zeros((), dtype=torch.uint8, device=dev))
     return raw_crc_right_aligned(data, seg) ^ cond_dev

@@ -6,11 +6,15 @@ class KVTCError(Exception):
 
 
 class BlobFormatError(KVTCError):
-    """A compressed blob is truncated, corrupted (checksum mismatch) or not a KVTC blob."""
+    """A compressed blob is truncated, corrupted (CRC-32 mismatch) or not a KVTC blob."""
 
 
 class CalibrationMismatchError(KVTCError):
     """A calibration artifact does not fit the model, shapes or plan it is used with."""
+
+
+class CalibrationCardError(CalibrationMismatchError, ValueError):
+    """A calibration card is missing, unreadable or not a KVTC card."""
 
 
 class ShapeError(KVTCError, ValueError):

@@ -91,6 +91,7 @@ class DecodeBatch:
     n_layers: int
     layers_done: set = field(default_factory=set)
     launches: int = 0
+    empty: bool = False  # no token to write: decode_layers is a no-op
     state: object = field(default=None, repr=False)
 
     @property

@@ -19,7 +19,7 @@ from kvtc_sglang.codec.artifact import CalibrationArtifact, FeatureBlock, RatioP
 from kvtc_sglang.codec.calibrate import layer_partition
 from kvtc_sglang.codec.plan import BitPlan, Group
 from kvtc_sglang.codec.rope import RopeConfig
-from kvtc_sglang.codec.triton.synthetic import random_plan, synthetic_artifact, synthetic_kv
+from kvtc_sglang.testing.synthetic import random_plan, synthetic_artifact, synthetic_kv
 
 FP8 = torch.float8_e4m3fn
 

@@ -23,7 +23,8 @@ non-blocking on CUDA). Violations:
       outside `to_device_async`, and any operation mixing a device-side tensor with a host tensor of more
       than one element;
     - `torch.cuda.synchronize`.
-`calls` counts the torch functions run (attribute reads excluded), for launch-count comparisons.
+`calls` counts the torch functions run (attribute reads excluded), for launch-count comparisons; codec
+kernel launches (`kvtc_sglang.codec.launches.launch`) are opaque device work, counted in `launches`.
 On a GPU, complement this with `torch.cuda.set_sync_debug_mode("error")`.
 """
 
@@ -136,6 +137,8 @@ class SyncAudit(TorchFunctionMode):
         self.violations: list[str] = []
         self.calls: Counter = Counter()
         self._sanctioned = 0
+        self._opaque = 0
+        self.launches = 0
 
     # roots -------------------------------------------------------------------------------------------
     def mark(self, *roots, skip_types: tuple = ()) -> None:
@@ -145,17 +148,27 @@ class SyncAudit(TorchFunctionMode):
 
     # context -----------------------------------------------------------------------------------------
     def __enter__(self):
-        from kvtc_sglang.codec import transfer
+        from kvtc_sglang.codec import launches, transfer
 
-        self._prev_observer = transfer._observer
+        self._prev_observers = (transfer._observer, launches._observer)
         transfer._observer = self._observe_transfer
+        launches._observer = self._observe_launch
         return super().__enter__()
 
     def __exit__(self, *exc):
-        from kvtc_sglang.codec import transfer
+        from kvtc_sglang.codec import launches, transfer
 
-        transfer._observer = self._prev_observer
+        transfer._observer, launches._observer = self._prev_observers
         return super().__exit__(*exc)
+
+    def _observe_launch(self, run):
+        """A codec kernel launch: opaque device work (its arguments are passed, nothing is read back)."""
+        self.launches += 1
+        self._opaque += 1
+        try:
+            run()
+        finally:
+            self._opaque -= 1
 
     def _observe_transfer(self, t, device, copy):
         self._sanctioned += 1
@@ -172,6 +185,8 @@ class SyncAudit(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._opaque:
+            return func(*args, **kwargs)
         name = resolve_name(func) or getattr(func, "__qualname__", str(func))
         if name.startswith(_METADATA_PREFIXES) and name not in _READS:
             return func(*args, **kwargs)

@@ -19,9 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.sglang
 
-compat = pytest.importorskip("kvtc_sglang.sglang_compat")
-if compat.installed_sglang_version() != compat.SUPPORTED_SGLANG_VERSION:
-    pytest.skip(f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}", allow_module_level=True)
+from kvtc_sglang import sglang_compat as compat  # noqa: E402  (imports sglang lazily)
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -32,9 +30,9 @@ from kvtc_sglang.cache.options import KVTCOptions  # noqa: E402
 from kvtc_sglang.cache.startup_checks import CalibrationModelMismatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-OPTION_FIELDS = ["kv_compress", "kvtc_calibration", "kvtc_ratio", "kvtc_store_budget", "kvtc_host_spill",
-                 "kvtc_sink_tokens", "kvtc_window_tokens", "kvtc_entropy", "kvtc_min_compress_tokens",
-                 "kvtc_capture_dir", "kvtc_capture_tokens"]
+from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS  # noqa: E402
+
+OPTION_FIELDS = list(SERVER_ARGS_ATTRS.values())
 _module_ids = itertools.count()
 
 

@@ -399,5 +399,66 @@ def test_bad_jobs_raise_typed_errors_before_any_work(art):
     batch = bc.decode_begin(pr, [DecodeJob(j.dst_rows, lay, 0, (0, 30), pool.alloc_tokens(30))])
     with pytest.raises(ShapeError):
         bc.decode_layers(batch, range(0, L + 1))
+    empty = bc.decode_begin(pr, [DecodeJob(j.dst_rows, lay, 0, (5, 5), torch.zeros(0, dtype=torch.int64))])
+    assert empty.complete and empty.empty
+    bc.decode_layers(empty, range(0, 1))  # nothing to write: a no-op, not an error
     for buf, old in zip(pool.k + pool.v, snap):
         assert torch.equal(buf.view(torch.uint8), old.view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------- host spill
+def test_spilled_blob_round_trip_with_crc_and_token_binding(art):
+    """Payload rows -> contiguous payload -> framed v2 host blob (header from the device CRC) -> checked on the host
+    -> written into other rows -> decoded: same rows as decoding the original."""
+    from kvtc_sglang.codec import blob as blobfmt
+    from kvtc_sglang.codec.errors import BlobFormatError
+
+    codec, bc, pool, pr, jobs, kvs = _setup(art, torch.bfloat16, RUNS[:3], seed=13)
+    batch = bc.encode(pr, jobs)
+    j, lay = jobs[2], batch.layouts[2]
+    ids = list(range(1000, 1000 + lay.n_tokens))
+    payload = bc.read_payload(pr, j.dst_rows, lay)
+    blob = torch.frombuffer(bytearray(bc.blob_header(lay, j.start_pos, int(batch.crc[2]), ids)
+                                      + payload.numpy().tobytes()), dtype=torch.uint8)
+    assert blobfmt.blob_crc(blob) == blobfmt.read_header(blob).crc32
+    lay2, start, data = bc.parse_blob(blob, expected_start=j.start_pos, expected_token_ids=ids)
+    assert lay2 == lay and start == j.start_pos and torch.equal(data, payload)
+    with pytest.raises(BlobFormatError, match="token ids"):
+        bc.parse_blob(blob, expected_token_ids=ids[::-1])
+    bad = blob.clone()
+    bad[-5] ^= 4
+    with pytest.raises(BlobFormatError, match="CRC"):
+        bc.parse_blob(bad)
+    rows = pr.rows_of_slots(pool.alloc_pages(lay.n_slots), lay.n_rows)
+    bc.write_payload(pr, data.clone(), rows, lay)
+    outs = []
+    for src in (j.dst_rows, rows):
+        dst = pool.alloc_tokens(lay.n_tokens)
+        db = bc.decode_begin(pr, [DecodeJob(src, lay, start, (0, lay.n_tokens), dst)])
+        bc.decode_layers(db, range(0, L))
+        outs.append(pool.read(dst))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    nh = lay.n_head
+    assert torch.equal(outs[1][0][:nh], kvs[2][0][:nh]) and torch.equal(outs[1][1][:nh], kvs[2][1][:nh])
+
+
+def test_blob_layout_and_payload_layout_place_every_part_at_the_same_offsets(art):
+    """The two views of the payload arithmetic (payload_layout.py) agree."""
+    codec, bc = _codec(art, torch.bfloat16)
+    for n, nh, nt in ((50, 4, 8), (9, 0, 9), (1, 0, 0), (33, 2, 0)):
+        lay = bc.blob_layout(n, nh, nt)
+        pl = codec.payload_layout(nh, nt, n - nh - nt, torch.bfloat16)
+        assert (pl.exact_bytes, pl.raw_size) == (lay.exact_bytes, lay.nbytes)
+        assert pl.section_offset(0) == lay.section("k", 0).offset
+        assert pl.section_offset(1) == lay.section("v", 0).offset
+        for a, b in ((0, n), (nh, n), (0, nh), (n // 2, n)):
+            tr, rows = lay.clip_range(a, b), pl.token_rows(a, b)
+            assert (rows.head.row0, rows.head.n_rows, rows.head.idx0) == (tr.head_row0, tr.head_n, 0)
+            assert (rows.tail.row0, rows.tail.n_rows, rows.tail.idx0) == (tr.tail_row0, tr.tail_n, tr.tail_dst0)
+            assert (rows.coded.row0, rows.coded.n_rows, rows.coded.idx0) == (tr.coded_tok0, tr.coded_n, tr.coded_dst0)
+
+
+def test_the_codec_satisfies_the_tier_protocol(art):
+    from kvtc_sglang.codec.interfaces import BatchedCodec
+
+    assert isinstance(_codec(art, torch.bfloat16)[1], BatchedCodec)
