@@ -62,7 +62,8 @@ from kvtc_sglang.cache.policy import Action, TierPolicy
 from kvtc_sglang.cache.tier_state import COLD_STATES, BlobRef, NodeState, Tier, ref_of, set_state, state_of
 from kvtc_sglang.cache.tp_agreement import TPAgreement
 from kvtc_sglang.cache.transfer import COMPRESS, LOAD, Op, TransferEngine, host_buffer
-from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
+from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.interfaces import BatchedCodec
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ class KVTCRadixCache(compat.RadixCache):
 
     Args:
         params: SGLang's ``CacheInitParams`` (allocator of an ``MHATokenToKVPool``, page_size, eviction_policy ...).
-        pool_codec: the codec (``PoolCodec`` protocol: blob_layout, pool_rows, encode, decode_begin, decode_layers,
-            warmup).
+        pool_codec: the codec (``codec.interfaces.BatchedCodec``: blob_layout, pool_rows, encode, decode_begin,
+            decode_layers, copy_rows, warmup).
         options: the KVTC options.
         tp_group: the group ranks agree through; None uses ``params.tp_cache_group``.
         transfer_mode: "auto" (CUDA streams, or inline on CPU) or "deferred" (CPU tests; see transfer.py).
@@ -101,7 +102,7 @@ class KVTCRadixCache(compat.RadixCache):
         stats_interval_s, metric_labels: periodic stats log line / Prometheus gauges.
     """
 
-    def __init__(self, params: Any, pool_codec: Any, options: KVTCOptions, *, tp_group: Any = None,
+    def __init__(self, params: Any, pool_codec: BatchedCodec, options: KVTCOptions, *, tp_group: Any = None,
                  transfer_mode: str = "auto", host_budget_bytes: int | None = None,
                  store_cap_bytes: int | None = None, layer_counter: Any = None, policy: TierPolicy | None = None,
                  stats_interval_s: float | None = None, metric_labels: dict[str, str] | None = None):
