@@ -46,8 +46,8 @@ class Blob:
         slots: device int64 [num_slots] pool slots holding the payload (whole pages), None on HOST.
         num_slots: len(slots) (known on the host), 0 on HOST.
         rows: device int64 [n_rows] row addresses of the payload (``slot * 2L + buffer``), None on HOST.
-        crc_dev: [1] int64 device slot the codec writes the payload's CRC-32 to.
-        crc_host: [1] int64 host copy of it (pinned on CUDA), filled by an async copy queued after the encode.
+        crc_host: [1] int64 host tensor (a view of its encode batch's pinned buffer on CUDA) that an async copy of
+            the codec's device CRC-32 fills after the encode.
         crc: the CRC-32 on the host, known after the encode's acknowledgement.
         host_payload: pinned host copy of the payload ([nbytes] uint8), or None.
         host_verified: the host copy passed its CRC check (it counts as stored only then).
@@ -67,7 +67,6 @@ class Blob:
     slots: torch.Tensor | None = field(default=None, repr=False)
     num_slots: int = 0
     rows: torch.Tensor | None = field(default=None, repr=False)
-    crc_dev: torch.Tensor | None = field(default=None, repr=False)
     crc_host: torch.Tensor | None = field(default=None, repr=False)
     crc: int | None = None
     host_payload: torch.Tensor | None = field(default=None, repr=False)
@@ -136,6 +135,8 @@ class BlobStore:
         self.device_slots = 0
         self.protected_slots = 0
         self.on_destroy = None  # called with a blob just before its copies are freed (host budget bookkeeping)
+        self.free_fn = lambda slots: allocator.free_segment(slots, start_pos=0)  # the owner may count frees
+        self.allocated_total = 0  # slots taken from the allocator so far
 
     # ------------------------------------------------------------------ sizes
     def rows_for(self, nbytes: int) -> int:
@@ -166,7 +167,7 @@ class BlobStore:
     def make_rows(self, slots: torch.Tensor, nbytes: int) -> torch.Tensor:
         """Row addresses of a payload laid out over ``slots`` (device int64 [k]): [rows_for(nbytes)] int64 on the
         slots' device, built with torch ops (no host read)."""
-        rows = slots[:, None] * self.buffers + self._buffer_ids.to(slots.device)[None, :]
+        rows = slots[:, None] * self.buffers + self._buffer_ids[None, :]
         return rows.reshape(-1)[:self.rows_for(nbytes)]
 
     # ------------------------------------------------------------------ blobs
@@ -178,7 +179,36 @@ class BlobStore:
             return None
         if num_slots > self.allocator.available_size():
             return None
-        return self.allocator.alloc(num_slots)
+        slots = self.allocator.alloc(num_slots)
+        if slots is not None:
+            self.allocated_total += num_slots
+        return slots
+
+    def create_many(self, specs: list[tuple[Any, int, array]], slots: list[torch.Tensor], *,
+                    writing: bool) -> list[Blob]:
+        """``create`` for a batch: (layout, start_pos, token_ids) per blob and its slots (device int64, whole
+        pages). The row tables of all of them are built with one pass of tensor operations (a concatenation when
+        the slots are separate tensors), each blob's a view of it."""
+        if not specs:
+            return []
+        counts = [int(t.numel()) for t in slots]
+        all_slots = slots[0] if len(slots) == 1 else torch.cat(slots)
+        rows = (all_slots[:, None] * self.buffers + self._buffer_ids[None, :]).reshape(-1)
+        out, at = [], 0
+        for (layout, start_pos, token_ids), t, k in zip(specs, slots, counts):
+            if k < self.slots_for(layout.nbytes):
+                raise RuntimeError(f"a {layout.nbytes}-byte payload needs {self.slots_for(layout.nbytes)} slots, "
+                                   f"{k} given")
+            n_rows = self.rows_for(layout.nbytes)
+            blob = Blob(id=next(self._ids), layout=layout, start_pos=int(start_pos), token_ids=token_ids, slots=t,
+                        num_slots=k, rows=rows[at * self.buffers:at * self.buffers + n_rows], writing=writing)
+            at += k
+            self._live[blob.id] = blob
+            self.device_slots += k
+            if blob.protected:
+                self.protected_slots += k
+            out.append(blob)
+        return out
 
     def create(self, layout: Any, start_pos: int, token_ids: array, slots: torch.Tensor, num_slots: int, *,
                writing: bool) -> Blob:
@@ -258,7 +288,7 @@ class BlobStore:
             raise RuntimeError(f"blob {blob.id}: freeing pool slots that a kernel in flight still uses")
         n = blob.num_slots
         if to_allocator:
-            self.allocator.free_segment(blob.slots, start_pos=0)
+            self.free_fn(blob.slots)
         self.device_slots -= n
         blob.slots = None
         blob.rows = None

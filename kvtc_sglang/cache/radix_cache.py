@@ -111,6 +111,7 @@ class KVTCRadixCache(compat.RadixCache):
         self.codec = pool_codec
         self.kvtc_counters = KVTCStats()
         self._tick = 0
+        self._freed = 0
         super().__init__(params)
 
         pool = compat.kv_pool_of(self.token_to_kv_pool_allocator)
@@ -136,6 +137,7 @@ class KVTCRadixCache(compat.RadixCache):
         self.blobs = BlobStore(self.token_to_kv_pool_allocator, layers=shape[0], row_bytes=self.row_bytes,
                                device=device, cap_slots=cap_slots)
         self.blobs.on_destroy = self._drop_host_copy
+        self.blobs.free_fn = self._free_slots
         if host_budget_bytes is None:
             host_budget_bytes = options.host_spill_bytes()
         self.host = HostSpill(self.agree.min(int(host_budget_bytes)))
@@ -319,7 +321,12 @@ class KVTCRadixCache(compat.RadixCache):
             is_insert = False
         super().cache_finished_req(req, is_insert=is_insert, **kwargs)
         node = self._last_insert_node
-        if node is not None and node is not self.root_node and state_of(node) is S.HOT:
+        if node is not None and node is not self.root_node:
+            self.queue_compression(node)
+
+    def queue_compression(self, node: Any) -> None:
+        """Queue a hot node (without blob) for compression ahead of eviction at the next step."""
+        if state_of(node) is S.HOT and node.value is not None:
             self._compress_queue.append(node)
 
     def insert(self, params: Any) -> Any:
@@ -390,32 +397,40 @@ class KVTCRadixCache(compat.RadixCache):
             return None
         return self.codec.blob_layout(n, n_head, n_tail), start, n_head, n_tail
 
-    def _new_blob(self, node: Any, plan: tuple, slots: torch.Tensor, k: int, writing: bool) -> Blob:
-        layout, start, _, _ = plan
-        tokens = array("q", node.key.raw_token_ids())
-        blob = self.blobs.create(layout, start, tokens, slots, k, writing=writing)
-        blob.extra_key = node.key.extra_key
-        blob.crc_dev = torch.zeros(1, dtype=torch.int64, device=self.blobs.device)
-        blob.crc_host = audit.mark_host(host_buffer((1,), torch.int64, self.blobs.device))
-        return blob
+    def _new_blobs(self, items: list[tuple[Any, tuple, torch.Tensor]], writing: bool) -> tuple[list[Blob], Any]:
+        """Blobs for (node, plan, slots) items, their row tables built together, and one host buffer [len(items)]
+        (pinned on CUDA) their CRC-32s are copied into after the encode (one copy for the batch)."""
+        specs = [(plan[0], plan[1], array("q", node.key.raw_token_ids())) for node, plan, _ in items]
+        blobs = self.blobs.create_many(specs, [slots for _, _, slots in items], writing=writing)
+        crc_host = audit.mark_host(host_buffer((len(items),), torch.int64, self.blobs.device))
+        for i, ((node, _, _), blob) in enumerate(zip(items, blobs)):
+            blob.extra_key = node.key.extra_key
+            blob.crc_host = crc_host
+            blob.crc_index = i
+        return blobs, crc_host
 
-    def _encode_jobs(self, items: list[tuple[Any, tuple, Blob]]) -> list:
+    def _encode_jobs(self, items: list[tuple[Any, tuple, Blob]], dst: list | None = None) -> list:
         jobs = []
-        for node, plan, blob in items:
+        for i, (node, plan, blob) in enumerate(items):
             _, start, n_head, n_tail = plan
             jobs.append(self._EncodeJob(src_slots=node.value, start_pos=start, n_head=n_head, n_tail=n_tail,
-                                        dst_rows=blob.rows, crc_out=blob.crc_dev))
+                                        dst_rows=blob.rows if dst is None else dst[i], crc_out=None))
         return jobs
 
     def _launch_encode(self, chosen: list[tuple[Any, tuple, int]]) -> None:
-        """Allocate blob slots (free slots only), mark ENCODING + lock, launch one batched encode."""
-        items = []
+        """Allocate blob slots (free slots only, one allocation), mark ENCODING + lock, launch one batched encode."""
         failed = False
+        total = sum(k for _, _, k in chosen)
+        slots = self.blobs.allocate(total)
+        if slots is None:  # cannot happen after the free-slot check above; keeps the ranks in step anyway
+            raise RuntimeError(f"allocator refused {total} free slots it reported")
+        parts, at = [], 0
         for node, plan, k in chosen:
-            slots = self.blobs.allocate(k)
-            if slots is None:  # cannot happen after the free-slot check above; keeps the ranks in step anyway
-                raise RuntimeError(f"allocator refused {k} free slots it reported")
-            blob = self._new_blob(node, plan, slots, k, writing=True)
+            parts.append((node, plan, slots[at:at + k]))
+            at += k
+        blobs, crc_host = self._new_blobs(parts, writing=True)
+        items = []
+        for (node, plan, _), blob in zip(chosen, blobs):
             self._set(node, S.ENCODING, BlobRef(blob, 0, len(node.key)))
             self.inc_lock_ref(node)
             items.append((node, plan, blob))
@@ -425,12 +440,11 @@ class KVTCRadixCache(compat.RadixCache):
         def work() -> None:
             batch = self.codec.encode(self.pool_rows, jobs)
             keep.append(batch)
-            for _, _, blob in items:
-                blob.crc_host.copy_(blob.crc_dev, non_blocking=True)
+            crc_host.copy_(batch.crc, non_blocking=True)
 
         try:
             faults.hit("tier.compress.launch")
-            finish = self.transfer.launch(COMPRESS, work, keep=[t for j in jobs for t in (j.src_slots, j.dst_rows)])
+            finish = self.transfer.launch(COMPRESS, work, keep=[slots] + [j.src_slots for j in jobs])
         except Exception as exc:  # noqa: BLE001 - contained below (agreed at the ack)
             failed = True
             finish = _Done()
@@ -449,11 +463,12 @@ class KVTCRadixCache(compat.RadixCache):
             if not op.logged:
                 logger.warning("KVTC: an encode of %d nodes failed on another TP rank; the nodes stay hot without "
                                "blob", len(op.items))
+        crcs = op.items[0][1].crc_host.tolist() if op.items and not op.failed else None  # host memory: no sync
         for node, blob in op.items:
             if blob.writing:
                 self.blobs.end_write(blob)
-            if not op.failed:
-                blob.crc = int(blob.crc_host.tolist()[0]) & 0xFFFFFFFF
+            if crcs is not None:
+                blob.crc = int(crcs[blob.crc_index]) & 0xFFFFFFFF
         for i, (node, blob) in enumerate(op.items):
             for n in self._nodes_of(blob):
                 if state_of(n) is not S.ENCODING:
@@ -479,8 +494,16 @@ class KVTCRadixCache(compat.RadixCache):
         if self.disable:
             return compat.EvictResult()
         start_time = time.perf_counter()
-        with self._audited() as a:
-            freed = self._evict(int(params.num_tokens))
+        allocator = self.token_to_kv_pool_allocator
+        group = getattr(allocator, "is_not_in_free_group", False)  # one free of the allocator for the whole evict
+        if group:
+            allocator.free_group_begin()
+        try:
+            with self._audited() as a:
+                freed = self._evict(int(params.num_tokens))
+        finally:
+            if group:
+                allocator.free_group_end()
         self._count_syncs(a)
         self.update_eviction_metrics(freed, start_time)
         self.kvtc_counters.evicted_tokens += freed
@@ -489,6 +512,16 @@ class KVTCRadixCache(compat.RadixCache):
 
     def _available(self) -> int:
         return self.token_to_kv_pool_allocator.available_size()
+
+    def _free_slots(self, slots: torch.Tensor) -> None:
+        """Return slots (whole pages, page-aligned) to the allocator, counted (``_freed``: evict's net count does
+        not read the allocator, whose frees may be grouped)."""
+        self._freed += int(slots.numel())
+        self.token_to_kv_pool_allocator.free_segment(slots, start_pos=0)
+
+    def _net_freed(self) -> int:
+        """Slots the tier returned to the allocator minus those it took from it, so far."""
+        return self._freed - self.blobs.allocated_total
 
     def _hot_action(self, node: Any) -> tuple[Action, int, Any]:
         """(action, slots it frees, plan) for an evictable hot leaf."""
@@ -583,7 +616,7 @@ class KVTCRadixCache(compat.RadixCache):
                     continue
                 break
             take_hot = bool(hot_heap) and (not drop_heap or hot_heap[0][0] <= drop_heap[0][0])
-            before = self._available()
+            before = self._net_freed()
             if take_hot:
                 _, _, node = heapq.heappop(hot_heap)
                 action, frees, plan = self._hot_action(node)
@@ -601,7 +634,7 @@ class KVTCRadixCache(compat.RadixCache):
             parent = node.parent
             self._evict_action(node, action)
             requeue(node if node.parent is not None and self._is_attached(node) else parent)
-            freed += self._available() - before
+            freed += self._net_freed() - before
         if batch:
             freed += self._run_evict_batch(batch, requeue)
             if freed < num_tokens:
@@ -635,7 +668,7 @@ class KVTCRadixCache(compat.RadixCache):
 
     def _free_hot_slots(self, node: Any) -> None:
         faults.hit("tier.evict.free")
-        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        self._free_slots(node.value)
         self._account_hot(node, -1)
         node.value = None
         self.evictable_leaves.discard(node)
@@ -651,7 +684,7 @@ class KVTCRadixCache(compat.RadixCache):
         the codec's scratch rows, or directly when the codec reads before it writes) or else into free slots; a
         node that cannot be compressed is deleted. Slot counts and the outcome are agreed across TP ranks.
         Returns the net slots freed."""
-        before = self._available()
+        before = self._net_freed()
         ks = self.agree.max_vec([self.blobs.slots_for(plan[0].nbytes) for _, plan in batch])
         items, deleted = [], []
         free = self._available()
@@ -672,32 +705,39 @@ class KVTCRadixCache(compat.RadixCache):
         failed = False
         made = []
         crc_event = None
+        free_slots = None
         if items:
             try:
-                scratch_at = 0
-                jobs, copies = [], []
+                total_free = sum(k for _, _, k, where in items if where == "free")
+                free_slots = self.blobs.allocate(total_free) if total_free else None
+                if total_free and free_slots is None:
+                    raise RuntimeError(f"allocator refused {total_free} free slots it reported")
+                parts, at = [], 0
                 for node, plan, k, where in items:
-                    slots = self.blobs.allocate(k) if where == "free" else node.value[:k]
-                    if slots is None:
-                        raise RuntimeError(f"allocator refused {k} free slots it reported")
-                    blob = self._new_blob(node, plan, slots, k, writing=False)
-                    made.append((node, plan, blob, where))
-                    _, start, n_head, n_tail = plan
-                    dst = blob.rows
+                    if where == "free":
+                        parts.append((node, plan, free_slots[at:at + k]))
+                        at += k
+                    else:
+                        parts.append((node, plan, node.value[:k]))
+                blobs, crc_host = self._new_blobs(parts, writing=False)
+                made = [(node, plan, blob, where) for (node, plan, _, where), blob in zip(items, blobs)]
+                dst, copies, scratch_at = [], [], 0
+                for node, plan, blob, where in made:
                     if where == "scratch":
-                        dst = self.pool_rows.scratch_addresses(scratch_at, blob.rows.numel())
+                        rows = self.pool_rows.scratch_addresses(scratch_at, blob.rows.numel())
                         scratch_at += blob.rows.numel()
-                        copies.append((dst, blob.rows))
-                    jobs.append(self._EncodeJob(src_slots=node.value, start_pos=start, n_head=n_head, n_tail=n_tail,
-                                                dst_rows=dst, crc_out=blob.crc_dev))
+                        copies.append((rows, blob.rows))
+                        dst.append(rows)
+                    else:
+                        dst.append(blob.rows)
+                jobs = self._encode_jobs([(n, p, b) for n, p, b, _ in made], dst)
                 faults.hit("tier.evict.encode")  # after the blobs exist: blob ids stay equal across TP ranks
                 with self.transfer.on_current():
-                    self.codec.encode(self.pool_rows, jobs)
+                    batch = self.codec.encode(self.pool_rows, jobs)
                     if copies:
                         self.codec.copy_rows(self.pool_rows, torch.cat([c[0] for c in copies]),
                                              torch.cat([c[1] for c in copies]))
-                    for _, _, blob, _ in made:
-                        blob.crc_host.copy_(blob.crc_dev, non_blocking=True)
+                    crc_host.copy_(batch.crc, non_blocking=True)
                     crc_event = self.transfer.record_current()
             except Exception as exc:  # noqa: BLE001 - agreed below; the nodes are plainly evicted
                 failed = True
@@ -710,15 +750,17 @@ class KVTCRadixCache(compat.RadixCache):
                     self.blobs.destroy(blob)
                 else:  # the node's own slots: freed with the node below
                     self.blobs.unregister(blob)
+            if not made and free_slots is not None:
+                self._free_slots(free_slots)
             deleted.extend(node for node, *_ in items)
             made = []
         for node, plan, blob, where in made:
             k = blob.num_slots
             n = len(node.key)
             if where == "free":
-                self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+                self._free_slots(node.value)
             else:  # the node's first k slots now hold the blob; the rest go back
-                self.token_to_kv_pool_allocator.free_segment(node.value[k:], start_pos=0)
+                self._free_slots(node.value[k:])
             self._account_hot(node, -1)
             node.value = None
             self.evictable_leaves.discard(node)
@@ -735,7 +777,7 @@ class KVTCRadixCache(compat.RadixCache):
                 parent = node.parent
                 self._evict_action(node, Action.DELETE)
                 requeue(parent)
-        return self._available() - before
+        return self._net_freed() - before
 
     # ------------------------------------------------------------------------------------------------------------------
     # Lookup and insert
@@ -1017,7 +1059,7 @@ class KVTCRadixCache(compat.RadixCache):
                 if blob.on_device and blob.alive:
                     self.blobs.free_device_copy(blob, to_allocator=False)
             # one free, in one order on every rank, whatever was promoted here before the failure
-            self.token_to_kv_pool_allocator.free_segment(slots, start_pos=0)
+            self._free_slots(slots)
             self._drop_chain_from(chain, 0, lock)
             return empty, anchor
         for blob in promoted:  # promoted blobs are device blobs again: their nodes are COMPRESSED now
@@ -1032,7 +1074,7 @@ class KVTCRadixCache(compat.RadixCache):
             blob = n.kvtc_ref.blob
             self.blobs.begin_read(blob)
             record.blobs.append(blob)
-            n.value = slots[offset:offset + count].clone()
+            n.value = slots[offset:offset + count]  # a view: no copy per node
             self._account_hot(n, +1)
             self._set(n, S.LOADING, n.kvtc_ref)
             n.kvtc_load = record
@@ -1113,7 +1155,7 @@ class KVTCRadixCache(compat.RadixCache):
             if event is not None and (event.query() or wait):
                 if wait and hasattr(event, "synchronize"):
                     event.synchronize()
-                blob.crc = int(blob.crc_host.tolist()[0]) & 0xFFFFFFFF
+                blob.crc = int(blob.crc_host.tolist()[blob.crc_index]) & 0xFFFFFFFF
         return blob.crc
 
     def _binding_ok(self, node: Any, depth: int) -> bool:
@@ -1264,7 +1306,7 @@ class KVTCRadixCache(compat.RadixCache):
                 self._orphans.discard(node)
                 changed = True
                 if node.value is not None:
-                    self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+                    self._free_slots(node.value)
                     self._account_hot(node, -1)
                     node.value = None
                 parent = node.parent
@@ -1500,7 +1542,7 @@ class KVTCRadixCache(compat.RadixCache):
         for node in nodes:
             state = state_of(node)
             if node.value is not None:
-                self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+                self._free_slots(node.value)
                 self._account_hot(node, -1)
                 node.value = None
                 self.evictable_leaves.discard(node)

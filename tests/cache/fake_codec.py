@@ -76,6 +76,12 @@ class FakePoolRows:
 
 
 @dataclass
+class FakeEncodeBatch:
+    crc: torch.Tensor  # [n_jobs] int64: zlib CRC-32 of each payload
+    payloads: list
+
+
+@dataclass
 class FakeDecodeBatch:
     jobs: list
     pool: object = None
@@ -187,11 +193,13 @@ class FakePoolCodec:
             payloads = []
             for job in jobs:  # every read first ...
                 payloads.append(self._payload(pool, job))
+            crcs = []
             for job, payload in zip(jobs, payloads):  # ... then every write
                 self._write_rows(pool, job.dst_rows, payload)
+                crcs.append(zlib.crc32(payload))
                 if job.crc_out is not None:
-                    job.crc_out[0] = zlib.crc32(payload)
-            return payloads
+                    job.crc_out[0] = crcs[-1]
+            return FakeEncodeBatch(torch.tensor(crcs, dtype=torch.int64), payloads)
 
     def _payload(self, pool, job) -> bytes:
         n = job.src_slots.numel()
