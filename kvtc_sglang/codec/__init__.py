@@ -14,4 +14,9 @@ Pipeline (per tensor kind K or V, per token):
     x [p] (keys with RoPE undone) -> d = (x - mu) @ basis [r] -> per-group min/max quantization with a
     16-bit shift and 16-bit scale per token per group -> bit packing -> DEFLATE (optional).
 Decoding inverts each step; keys get RoPE re-applied at their absolute positions.
+
+Entry points: `codec.KVTCCodec` (reference codec: tokens <-> framed blob), `batched.BatchedPoolCodec` (the
+pool codec contract of the compressed tier: batched encode into KV-pool rows, layer-wise batched decode, CRC-32
+on the device, no host syncs; PyTorch and Triton routes), `payload_layout.BlobLayout` (where each payload byte
+lives), `pool_rows.PoolRows` (a pool as an addressable row space).
 """
