@@ -1385,7 +1385,10 @@ class KVTCRadixCache(compat.RadixCache):
         bad = 0
         for blob, buf in op.items:
             self.blobs.end_read(blob)
-            ok = not op.failed and blob.alive and blob.crc is not None
+            if not blob.alive:  # dropped while the copy ran: nothing failed, there is just nothing to keep
+                self._drop_host_copy(blob)
+                continue
+            ok = not op.failed and blob.crc is not None
             if ok:
                 with audit.exempt():  # pinned host memory, written by a completed copy: no device involved
                     ok = zlib.crc32(buf[:blob.nbytes].numpy().tobytes()) == blob.crc
