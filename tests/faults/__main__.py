@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r.fault for r in rows if not (r.injected >= 100 and r.contained == r.injected and r.leaked_slots == 0
                                          and r.wrong_kv == 0 and r.hangs == 0)]
     result = {
-        "command": "python -m tests.faults " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m tests.faults", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_description(),
         "commit": git_commit(ROOT),
         "torch": torch.__version__,
