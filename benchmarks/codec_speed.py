@@ -334,7 +334,7 @@ def bench_batched(b: Bench, codec, model: dict, k, v, start: int, raw_bytes: int
     payloads written into blob rows of the pool; decode all layers at once and layer by layer. Checked: decoded
     rows as close to the originals as the per-node path's, exact rows bit-exact; no compile after warmup."""
     from kvtc_sglang.codec import launches
-    from kvtc_sglang.codec.batched import BatchedPoolCodec
+    from kvtc_sglang.codec.triton.batched import BatchedPoolCodec
     from kvtc_sglang.codec.jobs import DecodeJob, EncodeJob
 
     if not b.have_time(30):

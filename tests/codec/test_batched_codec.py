@@ -1,4 +1,4 @@
-"""The batched pool codec contract (codec/batched.py) on its PyTorch route, against the reference KVTCCodec.
+"""The batched pool codec contract (codec/triton/batched.py) on its PyTorch route, against the reference KVTCCodec.
 
 The reference KVTCCodec (tokens in, framed blob out) is the oracle: the batched codec must write the same
 payload bytes into blob rows scattered over a pool (any page size, any dtype including fp8 bytes), give the
@@ -17,8 +17,8 @@ import zlib
 import pytest
 import torch
 
-from kvtc_sglang.codec.batched import BatchedPoolCodec
-from kvtc_sglang.codec.batched_reference import gather_rows
+from kvtc_sglang.codec.triton.batched import BatchedPoolCodec
+from kvtc_sglang.codec.triton.batched_reference import gather_rows
 from kvtc_sglang.codec.codec import KVTCCodec
 from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.jobs import DecodeJob, EncodeJob

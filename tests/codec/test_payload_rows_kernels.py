@@ -44,8 +44,8 @@ if not _IN_PROCESS:
         os.environ["TRITON_INTERPRET"] = _ENV_BEFORE
 
 from kvtc_sglang.codec import launches  # noqa: E402
-from kvtc_sglang.codec.batched import BatchedPoolCodec  # noqa: E402
-from kvtc_sglang.codec.batched_reference import gather_rows  # noqa: E402
+from kvtc_sglang.codec.triton.batched import BatchedPoolCodec  # noqa: E402
+from kvtc_sglang.codec.triton.batched_reference import gather_rows  # noqa: E402
 from kvtc_sglang.codec.codec import KVTCCodec  # noqa: E402
 from kvtc_sglang.codec.jobs import DecodeJob, EncodeJob  # noqa: E402
 from kvtc_sglang.testing.codec_cases import FP8, Pool, exact_artifact, exact_kv, random_kv, small_artifact  # noqa: E402
@@ -161,7 +161,7 @@ def test_quantize_rows_matches_reference_on_random_coefficients(clip, device):
     identical bytes for min/max ranges; clipped ranges (one-pass mean/std in the kernel) agree to within one
     fp16 step on >= 98% of bytes."""
     from kvtc_sglang.codec import batch_plan as bp
-    from kvtc_sglang.codec import batched_reference as ref
+    from kvtc_sglang.codec.triton import batched_reference as ref
 
     art = small_artifact(2, 2, 32, seed=5, clip=clip)
     (rbc, _, rpr, rjobs), (tbc, _, tpr, tjobs) = _world(art, torch.bfloat16, device, RUNS[:3], seed=4)

@@ -1,6 +1,6 @@
 """Triton route of the batched pool codec: kernels that read and write payload bytes in blob rows directly.
 
-Same functions and arguments as `kvtc_sglang.codec.batched_reference` (the PyTorch route), launched once per
+Same functions and arguments as `kvtc_sglang.codec.triton.batched_reference` (the PyTorch route), launched once per
 batch (not per job) on the current stream:
 
     gather_exact_rows   exact tokens' pool rows (all layers, K and V)      -> their blob rows        grid (E, 2L)
@@ -31,7 +31,7 @@ import triton.language as tl
 from kvtc_sglang.codec import crc32 as crcmath
 from kvtc_sglang.codec.batch_plan import CRC_BLOCK, EF, DecodePlan, EncodePlan
 from kvtc_sglang.codec.launches import launch
-from kvtc_sglang.codec.pool_rows import PoolRows
+from kvtc_sglang.codec.triton.pool_rows import PoolRows
 from kvtc_sglang.codec.triton.common import interpreting, next_pow2, value_code
 from kvtc_sglang.codec.triton.gemm import project, reconstruct  # noqa: F401 (re-exported: same route API)
 from kvtc_sglang.codec.triton.jitlib import f32_to_store, rint

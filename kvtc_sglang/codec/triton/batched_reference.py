@@ -21,7 +21,7 @@ import torch
 from kvtc_sglang.codec.batch_plan import DecodePlan, EncodePlan
 from kvtc_sglang.codec.crc32 import crc32_rows_reference
 from kvtc_sglang.codec.launches import LAUNCHES
-from kvtc_sglang.codec.pool_rows import PoolRows
+from kvtc_sglang.codec.triton.pool_rows import PoolRows
 from kvtc_sglang.codec.quantize import group_params, quantize_groups
 from kvtc_sglang.codec.triton import reference as _ref
 from kvtc_sglang.codec.triton.tables import BlockTables

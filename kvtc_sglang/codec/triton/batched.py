@@ -4,7 +4,8 @@ Contract (the cache calls exactly these; everything runs on the caller's current
 host wait for the device: no `.item()`, `.cpu()`, `.tolist()`, `bool()` of a device tensor, `nonzero`, or
 pageable host-to-device copy anywhere on these paths):
 
-    codec = BatchedPoolCodec(kvtc_codec, store_dtype, kv_dtype=None, reference=None)
+    codec = make_batched_codec(kvtc_codec, store_dtype, kv_dtype=None, reference=None)   # codec.dispatch
+                                                  (= BatchedPoolCodec(...); the cache imports only codec.dispatch)
     codec.shape                                   -> (L, H, D)
     codec.blob_layout(n_tokens, n_head, n_tail)   -> BlobLayout   host arithmetic only (payload_layout.py)
     pool = codec.pool_rows(k_buffers, v_buffers, scratch_rows=0)
@@ -67,7 +68,7 @@ from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.jobs import DecodeBatch, DecodeJob, EncodeBatch, EncodeJob
 from kvtc_sglang.codec.launches import LAUNCHES, jit_compiles  # noqa: F401 (jit_compiles re-exported)
 from kvtc_sglang.codec.payload_layout import BlobLayout, payload_layout
-from kvtc_sglang.codec.pool_rows import PoolRows, make_pool_rows
+from kvtc_sglang.codec.triton.pool_rows import PoolRows, make_pool_rows
 from kvtc_sglang.codec.triton.common import kernels_usable, round_up, use_reference
 from kvtc_sglang.codec.triton.tables import KindTables, rope_tables
 
@@ -151,7 +152,7 @@ class BatchedPoolCodec:
                 self.section_of[kt.kind, bt.index] = s
                 s += 1
         if self.reference:
-            from kvtc_sglang.codec import batched_reference as ops
+            from kvtc_sglang.codec.triton import batched_reference as ops
         else:
             from kvtc_sglang.codec.triton import payload_rows as ops
         self.ops = ops
