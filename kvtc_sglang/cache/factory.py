@@ -25,8 +25,8 @@ from kvtc_sglang.cache.options import KVTCOptions
 from kvtc_sglang.cache.radix_cache import KVTCRadixCache
 from kvtc_sglang.cache.startup_checks import attention_tp, check_build_context
 from kvtc_sglang.codec.artifact import CalibrationArtifact, check_artifact_matches, load_artifact, rank_artifact_path
-from kvtc_sglang.codec.batched import BatchedPoolCodec
 from kvtc_sglang.codec.codec import KVTCCodec
+from kvtc_sglang.codec.dispatch import make_batched_codec
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def make_kvtc_cache(params: Any, artifact: CalibrationArtifact, options: KVTCOpt
     device = pool.k_buffer[0].device
     store_dtype = pool.k_buffer[0].dtype
     kv_dtype = pool.dtype if store_dtype == torch.uint8 else None
-    codec = BatchedPoolCodec(KVTCCodec(artifact, int(options.ratio), device=device, entropy="none"), store_dtype,
-                             kv_dtype, reference=reference)
+    codec = make_batched_codec(KVTCCodec(artifact, int(options.ratio), device=device, entropy="none"), store_dtype,
+                               kv_dtype, reference=reference)
     cache = KVTCRadixCache(params, codec, options, tp_group=tp_group, host_budget_bytes=host_budget_bytes,
                            layer_counter=layer_counter, transfer_mode=transfer_mode,
                            stats_interval_s=stats_interval_s, metric_labels=metric_labels)

@@ -29,7 +29,7 @@ DEV = torch.device("cuda")
 def gpu_tier(pool_tokens=512, page_size=1, counter=True, **option_values):
     from kvtc_sglang.cache.options import KVTCOptions
     from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-    from kvtc_sglang.codec.batched import BatchedPoolCodec
+    from kvtc_sglang.codec.dispatch import make_batched_codec
     from kvtc_sglang.codec.codec import KVTCCodec
 
     art = make_artifact()
@@ -50,7 +50,7 @@ def gpu_tier(pool_tokens=512, page_size=1, counter=True, **option_values):
                   compress_ahead_watermark=0.0)
     values.update(option_values)
     options = KVTCOptions.from_values(**values).validate()
-    codec = BatchedPoolCodec(KVTCCodec(art, 16, device=DEV, entropy="none"), torch.bfloat16)
+    codec = make_batched_codec(KVTCCodec(art, 16, device=DEV, entropy="none"), torch.bfloat16)
     layer_counter = None
     if counter:
         layer_counter = compat.LayerDoneCounter(L_)
