@@ -27,9 +27,9 @@ def load(name: str):
 def test_hot_path_rows_have_no_syncs_and_flat_launches(tmp_path, monkeypatch):
     hot_path = load("hot_path")
     monkeypatch.setattr(hot_path, "SHAPES", {"tiny": (2, 2, 16)})
-    monkeypatch.setattr(hot_path, "NODES", (1, 4, 32))
+    monkeypatch.setattr(hot_path, "NODES", (1, 8, 32))
     out = tmp_path / "hot_path.json"
-    assert hot_path.main(["--tokens", "32", "--repeats", "1", "--shapes", "tiny", "--out", str(out)]) == 0
+    assert hot_path.main(["--tokens", "24", "--repeats", "1", "--shapes", "tiny", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert {r["op"] for r in rows} == {"compress", "evict", "load_back"} and len(rows) == 9
     for r in rows:
