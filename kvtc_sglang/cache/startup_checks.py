@@ -174,6 +174,11 @@ def check_option_conflicts(server_args: Any, options: KVTCOptions) -> None:
     page_size = get("page_size")
     if not is_supported_page_size(page_size):
         raise KVTCStartupError(f"{with_kvtc} supports --page-size 1 or a power of two, got {page_size}")
+    from kvtc_sglang import sglang_compat as compat
+
+    for flag, reason in compat.unsupported_pool_features(server_args):
+        raise KVTCStartupError(f"{with_kvtc} keeps compressed blobs inside the KV pool's own slots and cannot run "
+                               f"with {flag}: {reason}. Remove {flag} (or drop --kv-compress kvtc)")
 
 
 def require_calibration(options: KVTCOptions, model_path: str | None = None, tp_size: int = 1) -> list[Path]:
@@ -293,6 +298,10 @@ def check_build_context(ctx: Any, options: KVTCOptions) -> CardSummary | None:
     if layout != "nhd":
         raise KVTCStartupError(f"the compressed KV tier needs the NHD pool layout, this pool is {layout!r} (unset "
                                "SGLANG_USE_HND_KVCACHE / SGLANG_AITER_KV_CACHE_LAYOUT)")
+    if compat.pool_is_post_capture(pool):
+        raise KVTCStartupError("the KV pool is VMM-backed and resized after CUDA-graph capture "
+                               "(SGLANG_ENABLE_POST_CAPTURE_KV_SIZING): the compressed KV tier keeps blobs in pool "
+                               "slots and accounts against the pool size it was built with; unset that variable")
     if pool.v_head_dim != pool.head_dim:
         raise KVTCStartupError(f"the compressed KV tier needs equal key/value head dims, the pool has "
                                f"{pool.head_dim}/{pool.v_head_dim}")

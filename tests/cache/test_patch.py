@@ -30,9 +30,9 @@ from kvtc_sglang.cache.options import KVTCOptions  # noqa: E402
 from kvtc_sglang.cache.startup_checks import CalibrationModelMismatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-OPTION_FIELDS = ["kv_compress", "kvtc_calibration", "kvtc_ratio", "kvtc_store_budget", "kvtc_host_spill",
-                 "kvtc_sink_tokens", "kvtc_window_tokens", "kvtc_entropy", "kvtc_min_compress_tokens",
-                 "kvtc_capture_dir", "kvtc_capture_tokens"]
+from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS  # noqa: E402
+
+OPTION_FIELDS = list(SERVER_ARGS_ATTRS.values())
 _module_ids = itertools.count()
 
 
