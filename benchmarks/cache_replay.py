@@ -237,9 +237,7 @@ def replay(trace, config: str, page_size: int) -> dict:
             rtp.free(req)
             continue
         rtp.write((req.req_pool_idx, slice(0, kv_len)), torch.cat([prefix, slots[:need]]).to(torch.int32))
-        cache.cache_finished_req(req, kv_len_to_handle=kv_len)
-        if pages > need:
-            allocator.free(slots[need:])
+        cache.cache_finished_req(req, kv_len_to_handle=kv_len)  # frees the unaligned tail's page too
         rtp.free(req)
         if kvtc:
             s = cache.stats()

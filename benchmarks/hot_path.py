@@ -68,7 +68,7 @@ def build(shape, n_nodes: int, tokens: int, device):
     params = compat.CacheInitParams(disable=False, req_to_token_pool=rtp, token_to_kv_pool_allocator=allocator,
                                     page_size=1, eviction_policy="lru")
     options = KVTCOptions.from_values(kv_compress="kvtc", ratio=16, sink_tokens=4, window_tokens=0,
-                                      min_compress_tokens=32, compress_ahead_watermark=0.0,
+                                      min_compress_tokens=16, compress_ahead_watermark=0.0,
                                       compress_ahead_tokens=n_nodes * tokens).validate()
     counter = None
     if device.type == "cuda":

@@ -201,16 +201,27 @@ def collect_stats(cache: Any) -> KVTCStats:
         s.blob_slots = store.device_slots
         s.blob_slot_bytes = store.device_slots * cache.slot_bytes
         s.protected_blob_slots = store.protected_slots
-        s.blob_bytes = sum(b.nbytes for b in live)
         s.tail_waste_bytes = store.tail_waste_bytes()
-        s.blob_raw_bytes = (s.compressed_tokens + s.host_tokens) * cache.slot_bytes
         s.num_blobs = len(live)
         s.host_used_bytes = cache.host.used_bytes
         s.host_capacity_bytes = cache.host.capacity_bytes
         s.store_cap_bytes = (store.cap_slots or 0) * cache.slot_bytes
-        blob_only = sum(b.num_slots for b in live if b.on_device and
-                        all(state_of(n) is S.COMPRESSED for n in cache._blob_nodes.get(b.id, ())))
-        s.effective_ratio = s.compressed_tokens / blob_only if blob_only else 0.0
+        # the compressed part proper: blobs every node of which holds no slots (a blob shared with a restored half
+        # is counted with the hot tokens), their tokens, payload bytes and pool slots
+        cold_tokens = cold_slots = cold_bytes = 0
+        for b in live:
+            nodes = cache._blob_nodes.get(b.id, ())
+            if nodes and all(state_of(n) in COLD_STATES for n in nodes):
+                cold_tokens += sum(len(n.key) for n in nodes)
+                cold_bytes += b.nbytes
+                if b.on_device:
+                    cold_slots += b.num_slots
+        device_cold = sum(len(n.key) for b in live if b.on_device for n in cache._blob_nodes.get(b.id, ())
+                          if state_of(n) is S.COMPRESSED and all(state_of(m) is S.COMPRESSED
+                                                                 for m in cache._blob_nodes.get(b.id, ())))
+        s.blob_bytes = cold_bytes
+        s.blob_raw_bytes = cold_tokens * cache.slot_bytes
+        s.effective_ratio = device_cold / cold_slots if cold_slots else 0.0
         s.jit_compiles = codec_compile_count(cache.codec)
         s.policy_restored_fraction = cache.policy.restored_fraction
     return s

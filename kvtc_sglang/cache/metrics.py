@@ -33,13 +33,14 @@ class KVTCStats:
         hot_bytes: KV-pool bytes of the hot tokens (all layers, K and V, pool dtype).
         blob_slots: pool slots held by blobs; blob_slot_bytes: their bytes; protected_blob_slots: those a kernel in
             flight uses.
-        blob_bytes: exact payload bytes of the live blobs; tail_waste_bytes: blob_slot_bytes - device payload bytes
-            (the partly used last page of each blob, < 1 page per blob).
-        blob_raw_bytes: KV-pool bytes the tokens held only as blobs would take uncompressed.
+        blob_bytes: exact payload bytes of the blobs no node of which holds slots (the compressed part proper);
+            blob_raw_bytes: KV-pool bytes their tokens would take uncompressed (realized_ratio = their quotient).
+        tail_waste_bytes: blob_slot_bytes - device payload bytes (the partly used last page of each blob, < 1 page
+            per blob).
         num_blobs: live blobs; host_used_bytes, host_capacity_bytes: the host spill tier.
         store_cap_bytes: the optional cap on blob pool bytes (0 = none).
-        effective_ratio: tokens held only as blobs / pool slots their blobs take (exact rows and tail waste
-            included): the capacity multiplier of the compressed part.
+        effective_ratio: tokens of the blobs held in pool slots by COMPRESSED nodes only / the slots those blobs take
+            (exact rows and tail waste included): the capacity multiplier of the compressed part.
         jit_compiles: kernel compiles the codec reports.
         policy_restored_fraction: restored / (restored + dropped unread) compressed tokens over the policy window.
     Counters (since start or ``reset_counters``):
