@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -25,9 +26,25 @@ CORPUS_FILES = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gu
                 "wikitext2_valid.txt")
 
 
-def wait_healthy(url: str, timeout_s: float) -> None:
+def server_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` (the server being waited for; None: not watched) still exists."""
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_healthy(url: str, timeout_s: float, server_pid: int | None = None) -> None:
+    """Until ``url``/health answers 200; SystemExit after ``timeout_s`` or as soon as ``server_pid`` has exited."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if not server_alive(server_pid):
+            raise SystemExit(f"the server (pid {server_pid}) exited before {url} was healthy")
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
                 if r.status == 200:
@@ -63,9 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--text", action="store_true", help="calibration-corpus text (the server tokenizes it)")
     ap.add_argument("--vocab-size", type=int, default=128256, help="pseudo-id range without --text")
     ap.add_argument("--health-timeout", type=float, default=900.0)
+    ap.add_argument("--server-pid", type=int, help="stop waiting when this process (the server) exits")
     args = ap.parse_args(argv)
     url = args.url.rstrip("/")
-    wait_healthy(url, args.health_timeout)
+    wait_healthy(url, args.health_timeout, args.server_pid)
     t0, sent, i = time.monotonic(), 0, 0
     windows = corpus_windows(4 * args.window)
     while sent < args.tokens:

@@ -102,14 +102,15 @@ stage_speed() {
 
 stage_capture() {
   kits
-  local port=31000 text="" pid
-  [ -f "$LLAMA/tokenizer.json" ] && text="--text"
+  local port=31000 text="" tok="--skip-tokenizer-init" pid
+  [ -f "$LLAMA/tokenizer.json" ] && { text="--text"; tok=""; }
   rm -rf "$DUMPS"
   setsid $PY -m sglang.launch_server --model-path "$LLAMA" --load-format dummy --attention-backend triton \
-    --page-size 64 --mem-fraction-static 0.3 --max-total-tokens 40960 --cuda-graph-max-bs 8 --port $port \
+    --page-size 64 --mem-fraction-static 0.3 --max-total-tokens 40960 --cuda-graph-max-bs 8 --port $port $tok \
     --kv-compress kvtc --kvtc-capture-dir "$DUMPS" --kvtc-capture-tokens 32768 > "$LOGS/capture.log" 2>&1 < /dev/null &
   pid=$!
   $PY -m benchmarks.capture_traffic --url http://127.0.0.1:$port --tokens 34000 --window 1024 $text \
+    --server-pid "$pid" --health-timeout 420 \
     >> "$LOGS/capture.log" 2>&1
   local rc=$?
   sleep 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 from .argv import get_flag
@@ -49,6 +50,16 @@ def check_common_args(common: Sequence[str]) -> None:
             raise ValueError(f"the common server arguments must not set {a}: kvtc options are per config")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(model_path: str | Path) -> bool:
+    """Whether ``model_path`` is a folder holding a tokenizer (a folder of config.json alone, as the dummy-weight
+    models are, makes SGLang's tokenizer manager fail unless the server starts with --skip-tokenizer-init)."""
+    path = Path(model_path)
+    return not path.is_dir() or any((path / name).exists() for name in TOKENIZER_FILES)
+
+
 def plan_server(spec: ConfigSpec, *, model: ModelInfo, model_path: str, port: int, budget_tokens: int | None,
                 common_args: Sequence[str] = (), page_size: int = 64, attention_backend: str = "triton",
                 kvtc_calibration: str | None = None, kvtc_sync_audit: bool = False, host: str = "127.0.0.1",
@@ -74,6 +85,8 @@ def plan_server(spec: ConfigSpec, *, model: ModelInfo, model_path: str, port: in
     cmd += flags
     if spec.kind == "kvtc":
         cmd += ["--kvtc-calibration", str(kvtc_calibration)]
+    if not has_tokenizer(model_path) and get_flag(cmd, "--skip-tokenizer-init") is None:
+        cmd.append("--skip-tokenizer-init")  # the suite sends input_ids; a folder with config.json alone has no tokenizer
     env = {"KVTC_SYNC_AUDIT": "1"} if spec.kind == "kvtc" and kvtc_sync_audit else {}
     notes = [capacity.describe()]
     if get_flag(cmd, "--disable-cuda-graph") is not None:

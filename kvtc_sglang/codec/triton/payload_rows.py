@@ -39,7 +39,7 @@ from kvtc_sglang.codec.triton.rows import gather_features  # noqa: F401
 from kvtc_sglang.codec.triton.tables import BlockTables
 
 JOB_SEARCH_STEPS = 16  # binary-search steps over the job table: up to 2^16 jobs (batched.MAX_JOBS)
-_ROWS, _M = 0, 2  # job-table fields shared by the encode and decode tables (batch_plan.EF / DF)
+_ROWS, _M = tl.constexpr(0), tl.constexpr(2)  # job-table fields shared by the encode and decode tables (batch_plan.EF / DF)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
