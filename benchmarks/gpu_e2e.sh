@@ -95,7 +95,7 @@ stage_speed() {
       --commit "$KVTC_COMMIT" > "$LOGS/codec_speed_plan.log" 2>&1
     log "codec speed at the card's plan ranks: rc $?"
   fi
-  $PY -m benchmarks.hot_path --out "$R/hot_path.json" --tokens 2048 --shapes llama-3.1-8b > "$LOGS/hot_path.log" 2>&1
+  timeout 240 $PY -m benchmarks.hot_path --out "$R/hot_path.json" --tokens 2048 --shapes llama-3.1-8b > "$LOGS/hot_path.log" 2>&1
   log "hot path: rc $?"
   return 0
 }
