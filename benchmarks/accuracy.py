@@ -31,7 +31,8 @@ RESULTS = HERE / "results"
 def _merge(path: Path, rows: list[dict], key) -> list[dict]:
     old = json.loads(path.read_text()) if path.is_file() else []
     new_keys = {key(r) for r in rows}
-    return [r for r in old if key(r) not in new_keys] + rows
+    # rows without a model name predate per-model tables (one WikiText-2 table of another protocol): dropped
+    return [r for r in old if "model" in r and key(r) not in new_keys] + rows
 
 
 def _windows_markdown(rows: list[dict]) -> str:
@@ -44,7 +45,7 @@ def _windows_markdown(rows: list[dict]) -> str:
            "prefix including its exact rows.\n"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r.get("model", "smollm2-135m"), r.get("eval_text", "prose")), []).append(r)
+        groups.setdefault((r["model"], r["eval_text"]), []).append(r)
     for (model, text), rs in sorted(groups.items()):
         r0 = rs[0]
         out.append(f"\n## {model} — {text}\n\n{r0['windows']} windows of {r0['prefix']} + {r0['score']} tokens, "
@@ -81,8 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text", nargs="+", choices=("prose", "code", "chat"), default=["prose", "code", "chat"],
                     help="evaluation texts (windows mode)")
     ap.add_argument("--windows", type=int, default=64, help="evaluation windows per text (windows mode)")
-    ap.add_argument("--prefix", type=int, default=768)
-    ap.add_argument("--score", type=int, default=256)
+    ap.add_argument("--prefix", type=int, default=None, help="compressed prefix tokens per window (default: 512; 384 on chat)")
+    ap.add_argument("--score", type=int, default=None, help="scored tokens per window (default: 128)")
     ap.add_argument("--ratios", type=int, nargs="+", default=None, help="KVTC plans to evaluate (default: every plan of the artifact; chat mode: 16)")
     ap.add_argument("--no-baselines", action="store_true", help="KVTC rows only (windows mode)")
     ap.add_argument("--window-sizes", type=int, nargs="+", default=[0, 32, 128], help="recent-window sizes W (chat mode)")
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
 
     from kvtc_sglang.codec.report_cli import ensure_artifact
     from kvtc_sglang.eval.baselines import BASELINES
-    from kvtc_sglang.eval.eval_texts import chat_conversations, describe, load_text, text_windows
+    from kvtc_sglang.eval.eval_texts import DEFAULT_WINDOW, chat_conversations, describe, load_text, text_windows
     from kvtc_sglang.eval.machine import git_commit, machine_description
     from kvtc_sglang.eval.rate_distortion import baseline_method, evaluate_methods, format_rows, kvtc_method
     from kvtc_sglang.models.registry import model_label, model_path
@@ -142,14 +143,16 @@ def main(argv=None) -> int:
     rows = []
     for name in args.text:
         text = load_text(name, tok)
-        windows = text_windows(text, args.windows, args.prefix + args.score)
-        text_rows = evaluate_methods(model, windows, methods, prefix=args.prefix, score=args.score, desc=f"{label} {name}")
+        prefix = args.prefix or DEFAULT_WINDOW[name][0]
+        score = args.score or DEFAULT_WINDOW[name][1]
+        windows = text_windows(text, args.windows, prefix + score)
+        text_rows = evaluate_methods(model, windows, methods, prefix=prefix, score=score, desc=f"{label} {name}")
         for r in text_rows:
             r.update(stamp, **describe(text))
         print(f"\n{label} — {name}\n" + format_rows(text_rows))
         rows += text_rows
         path_json = out / "accuracy.json"
-        all_rows = _merge(path_json, text_rows, key=lambda r: (r.get("model", "smollm2-135m"), r.get("eval_text", "prose")))
+        all_rows = _merge(path_json, text_rows, key=lambda r: (r["model"], r["eval_text"]))
         path_json.write_text(json.dumps(all_rows, indent=1) + "\n")
         (out / "accuracy.md").write_text(_windows_markdown(all_rows))
         plot_rows = [r for r in all_rows if r.get("model") == label and r.get("eval_text") == "prose"] or text_rows

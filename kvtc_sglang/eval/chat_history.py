@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvtc_sglang.eval.eval_texts import render_conversation
-from kvtc_sglang.eval.rate_distortion import Method, _score, paired_delta_ci
+from kvtc_sglang.eval.rate_distortion import Method, paired_delta_ci, score_caches
 from kvtc_sglang.models.kv_capture import capture_kv
 
 
@@ -83,23 +83,26 @@ def evaluate_history(model, turns: Sequence[ReturningTurn], methods: Sequence[Me
         k, v = cap.k.to(torch.bfloat16), cap.v.to(torch.bfloat16)
         tok16 = k[0].numel() * 2 * 2
         cont, mask = t.ids[h:], t.scored[h:]
-        b_nll, b_top = _score(model, k, v, cont, cap.last_logits, mask)
-        base_nll.append(b_nll)
-        n_tok.append(int(mask.sum()))
         hist.append(h)
+        caches = [(k, v)]
         for i, (m, w) in enumerate(keys):
             lo, hi = min(sinks, h), max(min(sinks, h), h - w)
             if hi > lo:
                 kd, vd, sc, st = m.fn(k, v, lo, hi)
             else:
                 kd, vd, sc, st = k, v, 0.0, h * tok16
-            s_nll, top = _score(model, kd, vd, cont, cap.last_logits, mask)
-            nll[i].append(s_nll)
-            agree[i] += int(((top == b_top) & mask).sum())
+            caches.append((kd, vd))
             stored[i][0] += sc
             stored[i][1] += st
             raw[i][0] += (hi - lo) * tok16
             raw[i][1] += h * tok16
+        scores = score_caches(model, caches, cont, cap.last_logits, mask)
+        b_nll, b_top = scores[0]
+        base_nll.append(b_nll)
+        n_tok.append(int(mask.sum()))
+        for i, (s_nll, top) in enumerate(scores[1:]):
+            nll[i].append(s_nll)
+            agree[i] += int(((top == b_top) & mask).sum())
     seconds = time.time() - t0
     nb, nt = np.array(base_nll), np.array(n_tok, dtype=np.float64)
     N = nt.sum()

@@ -33,6 +33,8 @@ CODE_FILES = (
     "srt/mem_cache/radix_cache.py",
     "srt/managers/cache_controller.py",
 )
+# (prefix, scored) tokens per window: cached chat nodes are a few hundred tokens (and the chat text ~35k tokens)
+DEFAULT_WINDOW = {"prose": (512, 128), "code": (512, 128), "chat": (384, 128)}
 CHAT_FILES = ("mt_bench_answers_smollm2.jsonl", "dialogstudio_sharegpt_original_example.json")
 
 

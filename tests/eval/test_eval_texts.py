@@ -78,3 +78,27 @@ def test_history_protocol_scores_answers_and_exact_is_free(smollm2):
     assert [r["window"] for r in rows] == [None, 0, 8]
     assert all(r["delta_ppl_pct"] == pytest.approx(0.0, abs=1e-9) and r["top1_agreement"] == 1.0 for r in rows)
     assert rows[0]["tokens_scored"] == int(t.scored.sum())
+
+
+def test_kvtc_method_keeps_exact_rows_and_counts_coded_bytes(smollm2, smollm2_calibration):
+    from kvtc_sglang.codec.artifact import load_artifact
+    from kvtc_sglang.eval.rate_distortion import kvtc_method, split_plan_method
+    from kvtc_sglang.models.kv_capture import capture_kv
+
+    model, tok = smollm2
+    art = load_artifact(smollm2_calibration)
+    text = eval_texts.prose_text(tok)
+    cap = capture_kv(model, text.ids[1000:1096])
+    k, v = cap.k.to(torch.bfloat16), cap.v.to(torch.bfloat16)
+    lo, hi = 4, 80
+    raw = (hi - lo) * k[0].numel() * 4
+    for method in (kvtc_method(art, 32), split_plan_method(art, 8, 16, 32)):
+        kd, vd, coded, total = method.fn(k, v, lo, hi)
+        assert torch.equal(kd[:lo], k[:lo]) and torch.equal(vd[hi:], v[hi:])
+        assert not torch.equal(kd[lo:hi], k[lo:hi])
+        assert total - coded == (k.shape[0] - (hi - lo)) * k[0].numel() * 4
+        ratio = raw / coded
+        assert 0.6 * 32 < ratio < 2 * 32 if method.variant == "" else 8 < ratio < 32
+    err32 = (kvtc_method(art, 32).fn(k, v, lo, hi)[0] - k).float().pow(2).sum()
+    err8 = (kvtc_method(art, 8).fn(k, v, lo, hi)[0] - k).float().pow(2).sum()
+    assert err8 < err32
