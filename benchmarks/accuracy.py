@@ -94,10 +94,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kvtc_sglang.codec.report_cli import ensure_artifact
+    from kvtc_sglang.models.calibration import ensure_artifact
     from kvtc_sglang.eval.baselines import BASELINES
     from kvtc_sglang.eval.eval_texts import DEFAULT_WINDOW, chat_conversations, describe, load_text, text_windows
-    from kvtc_sglang.eval.machine import git_commit, machine_description
+    from kvtc_sglang.eval.provenance import git_commit, machine_description
     from kvtc_sglang.eval.rate_distortion import baseline_method, evaluate_methods, format_rows, kvtc_method
     from kvtc_sglang.models.registry import model_label, model_path
     from kvtc_sglang.models.smollm2 import load_model

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     from kvtc_sglang.codec.artifact import load_artifact
     from kvtc_sglang.eval.baselines import BASELINES
     from kvtc_sglang.eval.eval_texts import DEFAULT_WINDOW, describe, load_text, text_windows
-    from kvtc_sglang.eval.machine import git_commit, machine_description
+    from kvtc_sglang.eval.provenance import git_commit, machine_description
     from kvtc_sglang.eval.rate_distortion import (baseline_method, evaluate_methods, format_rows, kvtc_method,
                                                   split_plan_method)
     from kvtc_sglang.models.registry import model_label, model_path

@@ -27,12 +27,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from kvtc_sglang.eval.provenance import git_commit, pyplot_or_none
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA = dict(model="llama-3.1-8b-synthetic", L=32, H=8, D=128, params=8.03e9, n_q_heads=32)
@@ -73,7 +74,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.gpu = torch.cuda.get_device_name() if self.cuda else "cpu"
-        self.commit = args.commit or os.environ.get("KVTC_COMMIT") or _git_commit()
+        self.commit = args.commit or git_commit()
 
     # -------------------------------------------------------------- utilities
     def elapsed(self) -> float:
@@ -130,14 +131,6 @@ class Bench:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ------------------------------------------------------------------ baselines
@@ -230,7 +223,7 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
                raw_bytes: int, *, full: bool) -> None:
     from kvtc_sglang.codec.codec import KVTCCodec
     from kvtc_sglang.codec.entropy import NoEntropy
-    from kvtc_sglang.codec.pool_codec import PoolCodec
+    from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
     from kvtc_sglang.codec.triton import TritonPoolCodec
 
     n = enc_slots.numel()
@@ -292,7 +285,7 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
     codec.coder = NoEntropy()
 
     if full or b.have_time(60):
-        ref = PoolCodec(codec)
+        ref = ReferencePoolCodec(codec)
         reps = 1 if b.args.smoke else 3
         ms = b.time_ms(lambda: ref.encode_slots(kb, vb, enc_slots, start, 0, 0), repeats=reps)
         b.add(op="encode", impl="torch-reference", entropy="none+blob", ms=ms, ratio=ratio, **common)
@@ -346,7 +339,7 @@ def tune(b: Bench, art, ratio_key, kb, vb, enc_slots, dec_slots, start) -> None:
 
 def run_synthetic(b: Bench, model: dict) -> None:
     from kvtc_sglang.codec.rope import RopeConfig
-    from kvtc_sglang.codec.triton.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
+    from kvtc_sglang.testing.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
 
     L, H, D = model["L"], model["H"], model["D"]
     p, n = L * H * D, b.args.tokens
@@ -375,7 +368,7 @@ def run_synthetic(b: Bench, model: dict) -> None:
 
 def run_artifact(b: Bench, path: str) -> None:
     from kvtc_sglang.codec.artifact import load_artifact
-    from kvtc_sglang.codec.triton.synthetic import synthetic_kv
+    from kvtc_sglang.testing.synthetic import synthetic_kv
 
     try:
         art = load_artifact(path)
@@ -414,12 +407,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict = {}

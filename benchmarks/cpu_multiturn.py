@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_conversations(args):
-    from kvtc_sglang.eval.chat_engine import load_mt_bench, load_sharegpt
+    from kvtc_sglang.eval.conversations import load_mt_bench, load_sharegpt
 
     data = Path(args.data)
     mt = load_mt_bench(data / "mt_bench_question.jsonl", args.mt_bench_users, turns=min(2, args.turns))
@@ -143,12 +143,14 @@ def main(argv=None) -> int:
 
     import torch
 
+    from kvtc_sglang.cache.factory import make_kvtc_cache
     from kvtc_sglang.cache.options import KVTCOptions
     from kvtc_sglang.codec.codec import KVTCCodec
-    from kvtc_sglang.codec.report_cli import ensure_artifact
+    from kvtc_sglang.eval.agreement import agreement
     from kvtc_sglang.eval.chat_engine import (
-        MiniEngine, agreement, kv_shape, make_kv_pool, make_kvtc_cache, make_radix_cache, run_lockstep)
-    from kvtc_sglang.eval.machine import git_commit, machine_description
+        MiniEngine, cache_init_params, kv_shape, make_kv_pool, make_radix_cache, run_lockstep)
+    from kvtc_sglang.eval.provenance import git_commit, machine_description
+    from kvtc_sglang.models.calibration import ensure_artifact
     from kvtc_sglang.models.smollm2 import load_model
 
     torch.set_num_threads(args.threads)
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
                                       min_compress_tokens=args.min_compress_tokens, entropy=args.entropy).validate()
     max_context = 8192
     pool, allocator = make_kv_pool(model.config, args.pool_tokens)
-    cache = make_kvtc_cache(allocator, artifact, options, max_context)
+    cache = make_kvtc_cache(cache_init_params(allocator, max_context), artifact, options, host_budget_bytes=0,
+                            reference=True, stats_interval_s=float("inf"))
     ref_pool, ref_allocator = make_kv_pool(model.config, args.reference_pool_tokens)
     ref_cache = make_radix_cache(ref_allocator, max_context)
     tested = MiniEngine(model, tok, cache, pool, allocator)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
         print(f"{record['user']:>22} turn {record['turn'] + 1}: prompt {t['prompt_tokens']:4d}, "
               f"hot {t['hot_hit_tokens']:4d}, compressed hit {t['host_hit_tokens']:4d} (restored "
               f"{t['loaded_back_tokens']:4d}), computed {t['computed_tokens']:4d}, new {t['new_tokens']:3d} | "
-              f"{'identical' if d is None else f'diverges at {d}'}, next-token {agree:.2f} | compressed now "
+              f"{'identical' if ref == got else f'diverges at {d}'}, next-token {agree:.2f} | compressed now "
               f"{s.compressed_tokens}, ratio {s.realized_ratio:.2f}x", flush=True)
 
     t_run = time.perf_counter()

@@ -3,10 +3,14 @@ server with `--kv-compress kvtc` (KV pool small enough that conversations are co
 and to a plain radix-cache server; greedy answers and their logprobs are compared turn by turn.
 
 One command (launches both servers side by side, or targets two running ones):
-    python benchmarks/serve_agreement.py --model-path SMOLLM2_HF_DIR \\
-        --server-args "--attention-backend triton --disable-cuda-graph --mem-fraction-static 0.3 --max-total-tokens 4096" \\
+    python -m benchmarks.serve_agreement --model-path SMOLLM2_HF_DIR \\
+        --server-args "--attention-backend triton --mem-fraction-static 0.3 --max-total-tokens 4096" \\
         --kvtc-args "--kvtc-calibration ART --kvtc-window-tokens 32"
-    python benchmarks/serve_agreement.py --ref-url http://127.0.0.1:30000 --test-url http://127.0.0.1:30001 --model-path DIR
+    python -m benchmarks.serve_agreement --ref-url http://127.0.0.1:30000 --test-url http://127.0.0.1:30001 \\
+        --model-path DIR
+
+Both launched servers get ``--server-args`` (the same ``--max-total-tokens``: the kvtc tier keeps its blobs in the
+pool's own slots), the kvtc one also ``--kv-compress kvtc`` and ``--kvtc-args``; ``--enable-metrics`` is added.
 
 For a model folder without a tokenizer (dummy weights, `--load-format dummy --skip-tokenizer-init`), pass
 `--tokenizer none`: every human turn is then `--question-tokens` random token ids (seeded), the same on both servers.
@@ -29,23 +33,24 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serving_common as sc  # noqa: E402
+from benchmarks.serving.argv import get_flag, split_args
+from benchmarks.serving.client import cache_split
+from benchmarks.serving.metrics import Snapshot
+from benchmarks.serving.model import token_id_range
+from benchmarks.serving.process import ServerProcess, find_free_port
+from kvtc_sglang.eval.agreement import first_divergence
+from kvtc_sglang.eval.conversations import read_mt_bench, read_sharegpt
+from benchmarks.serving.report import fmt
+from kvtc_sglang.eval.provenance import git_commit, gpu_name
 
 HERE = Path(__file__).resolve().parent
 
 
 def conversations(n_users: int, n_turns: int) -> list[list[str]]:
     """Human turns: MT-bench two-turn questions, then real ShareGPT conversations for more turns."""
-    mt = [json.loads(line)["turns"] for line in (HERE / "data" / "mt_bench_question.jsonl").read_text().splitlines() if line.strip()]
-    share = json.loads((HERE / "data" / "dialogstudio_sharegpt_original_example.json").read_text())
-    sg = []
-    for conv in share if isinstance(share, list) else share.get("data", []):
-        turns = conv.get("conversations") or conv.get("log") or []
-        humans = [t.get("value") or t.get("user utterance") for t in turns if t.get("from", "human") in ("human", "user")]
-        humans = [h for h in humans if h]
-        if len(humans) >= n_turns:
-            sg.append(humans)
+    mt = [c.user_turns for c in read_mt_bench(HERE / "data" / "mt_bench_question.jsonl")]
+    sg = [c.user_turns for c in read_sharegpt(HERE / "data" / "dialogstudio_sharegpt_original_example.json")
+          if len(c.user_turns) >= n_turns]
     pool = ([c for c in sg] if n_turns > 2 else []) + [t for t in mt if len(t) >= min(n_turns, 2)]
     out = []
     for conv in pool:
@@ -64,18 +69,11 @@ def generate(url: str, input_ids: list[int], max_new: int, timeout: float) -> di
         raise requests.HTTPError(f"HTTP {r.status_code}: {r.text[:300]}", response=r)
     out = r.json()
     meta = out["meta_info"]
-    cached, device, host = sc.cache_split(meta)
+    cached, device, host = cache_split(meta)
     lps = [row[0] for row in meta.get("output_token_logprobs") or []]
     ids = out.get("output_ids") or [row[1] for row in meta.get("output_token_logprobs") or []]
     return {"ids": list(ids), "logprobs": lps, "cached": cached, "device": device, "host": host,
             "seconds": time.perf_counter() - t0}
-
-
-def first_divergence(a: list[int], b: list[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b)) if len(a) != len(b) else len(a)
 
 
 class ChatPrompts:
@@ -100,7 +98,7 @@ class ChatPrompts:
 
 
 class TokenPrompts:
-    """Prompts without a tokenizer: each human turn is ``question_tokens`` random ids in ``sc.token_id_range``."""
+    """Prompts without a tokenizer: each human turn is ``question_tokens`` random ids in ``token_id_range``."""
 
     def __init__(self, n_users: int, vocab_size: int, question_tokens: int, seed: int = 0):
         self.rng = random.Random(seed)
@@ -109,7 +107,7 @@ class TokenPrompts:
         self.history: list[list[int]] = [[] for _ in range(n_users)]
 
     def prompt(self, user: int, turn: int) -> list[int]:
-        lo, hi = sc.token_id_range(self.vocab_size)
+        lo, hi = token_id_range(self.vocab_size)
         self.history[user] += [self.rng.randrange(lo, hi) for _ in range(self.question_tokens)]
         return list(self.history[user])
 
@@ -175,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--port", type=int, default=30100)
+    ap.add_argument("--python", default=sys.executable, help="python running sglang.launch_server")
     ap.add_argument("--health-timeout", type=float, default=600.0)
     ap.add_argument("--request-timeout", type=float, default=600.0)
     ap.add_argument("--out-dir", default=str(HERE / "results"))
@@ -195,15 +194,16 @@ def main(argv=None) -> int:
         if args.ref_url and args.test_url:
             ref_url, test_url = args.ref_url, args.test_url
         else:
-            model = sc.read_model_info(args.model_path)
-            shared = sc.split_args(args.server_args)
-            plans = [sc.plan_server(cfg, model_path=args.model_path, host="127.0.0.1", port=port, server_args=shared,
-                                    kvtc_args=sc.split_args(args.kvtc_args), model=model)
-                     for cfg, port in (("radix", sc.find_free_port("127.0.0.1", args.port)),
-                                       ("kvtc", sc.find_free_port("127.0.0.1", args.port + 50)))]
-            for plan in plans:
-                port = sc.get_flag(plan.cmd, "--port")
-                servers.append(sc.ServerProcess(plan.cmd, f"http://127.0.0.1:{port}", out / f"{stem}_{plan.config}.log").start())
+            shared = split_args(args.server_args)
+            for flag in ("--model-path", "--host", "--port", "--kv-compress"):
+                if get_flag(shared, flag) is not None:
+                    raise SystemExit(f"--server-args must not set {flag}")
+            for cfg, extra, port in (("radix", [], find_free_port("127.0.0.1", args.port)),
+                                     ("kvtc", ["--kv-compress", "kvtc", *split_args(args.kvtc_args)],
+                                      find_free_port("127.0.0.1", args.port + 50))):
+                cmd = [args.python, "-m", "sglang.launch_server", "--model-path", args.model_path, "--host",
+                       "127.0.0.1", "--port", str(port), *shared, *extra, "--enable-metrics"]
+                servers.append(ServerProcess(cmd, f"http://127.0.0.1:{port}", out / f"{stem}_{cfg}.log").start())
             for s in servers:
                 s.wait_healthy(args.health_timeout)
             ref_url, test_url = servers[0].url, servers[1].url
@@ -211,18 +211,17 @@ def main(argv=None) -> int:
         res = run(ref_url, test_url, prompts, args)
         flush = requests.post(test_url.rstrip("/") + "/flush_cache", timeout=60)
         time.sleep(2)
-        metrics = sc.parse_prometheus(requests.get(test_url.rstrip("/") + "/metrics", timeout=30).text) \
-            if flush.ok else None
-        kvtc = sc.kvtc_gauges(metrics)
-        after = sc.MetricsSample.from_samples(time.time(), metrics)
+        after = Snapshot.parse(time.time(), requests.get(test_url.rstrip("/") + "/metrics", timeout=30).text
+                               if flush.ok else None)
         report = {
-            "model": Path(args.model_path).name, "gpu": sc.gpu_name(), "commit": sc.git_commit(),
+            "model": Path(args.model_path).name, "gpu": gpu_name(), "commit": git_commit(),
             "users": args.users, "turns": args.turns, "output_len": args.output_len,
             "prompts": "random token ids" if args.tokenizer == "none" else "chat template",
             "server_args": args.server_args, "kvtc_args": args.kvtc_args, "seconds": round(time.time() - t0, 1),
             "request_errors": res["errors"], "summary": summarize(res["rows"]),
-            "after_flush": {"flush_ok": flush.ok, "kv_used_tokens": after.kv_used_tokens,
-                            "kv_evictable_tokens": after.kv_evictable_tokens, "kvtc": kvtc},
+            "after_flush": {"flush_ok": flush.ok, "kv_used_tokens": after.pool.get("kv_used_tokens"),
+                            "kv_evictable_tokens": after.pool.get("kv_evictable_tokens"),
+                            "kvtc": {k: v for k, v in after.kvtc.items() if v is not None} or None},
             "rows": res["rows"],
         }
     finally:
@@ -231,14 +230,17 @@ def main(argv=None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     s = report["summary"]
     md = [f"# End-to-end agreement, kvtc vs plain radix ({report['model']}, {report['gpu']})", "",
-          f"{args.users} users x {args.turns} turns, {args.output_len} greedy tokens per answer, commit {report['commit']}.",
+          f"{args.users} users x {args.turns} turns, {args.output_len} greedy tokens per answer, "
+          f"commit {report['commit']}.",
           f"Server args: `{args.server_args}`; kvtc: `{args.kvtc_args}`.", "",
-          "| requests | n | identical answers | agreement before first divergence | mean abs logprob diff | restored tokens |",
+          "| requests | n | identical answers | agreement before first divergence | mean abs logprob diff "
+          "| restored tokens |",
           "|---|---|---|---|---|---|"]
     for name, part in s.items():
         if part["requests"]:
-            md.append(f"| {name} | {part['requests']} | {part['identical_rate']:.2f} | {part['agreement_before_divergence']:.3f} | "
-                      f"{sc.fmt(part['mean_abs_logprob_diff'], 4)} | {part['restored_tokens']} |")
+            md.append(f"| {name} | {part['requests']} | {part['identical_rate']:.2f} | "
+                      f"{part['agreement_before_divergence']:.3f} | {fmt(part['mean_abs_logprob_diff'], 4)} | "
+                      f"{part['restored_tokens']} |")
     md += ["", f"Request errors: {res['errors']}. After /flush_cache: {report['after_flush']}."]
     (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -1,7 +1,7 @@
 """`kvtc-sglang` command line: one subcommand per job.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so ``kvtc-sglang --help`` stays fast.
+Each subcommand lives in its own module of ``kvtc_sglang.commands`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs, so ``kvtc-sglang --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "calibrate": ("kvtc_sglang.codec.calibrate_cli", "calibrate KVTC (PCA bases + bit plans) on a model's real KV cache"),
-    "report": ("kvtc_sglang.codec.report_cli", "calibrate (or load) the shipped model and print its compression/accuracy report"),
-    "patch": ("kvtc_sglang.cache.patch_tool", "check/apply/revert the in-tree sglang 0.5.17 patch adding --kv-compress to ServerArgs"),
-    "convert-gguf": ("kvtc_sglang.models.convert", "convert a GGUF model (default: SmolLM2-135M-Instruct) into an HF safetensors folder"),
+    "calibrate": ("kvtc_sglang.commands.calibrate", "calibrate KVTC (PCA bases + bit plans) on a model's real KV cache"),
+    "report": ("kvtc_sglang.commands.report", "calibrate (or load) the shipped model and print its compression/accuracy report"),
+    "patch": ("kvtc_sglang.commands.patch", "check/apply/revert the in-tree sglang 0.5.17 patch adding --kv-compress to ServerArgs"),
+    "convert-gguf": ("kvtc_sglang.commands.convert_gguf", "convert a GGUF model (default: SmolLM2-135M-Instruct) into an HF safetensors folder"),
 }
 
 

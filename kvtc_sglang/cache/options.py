@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kvtc_sglang.codec.defaults import DEFAULT_EXACT, ExactPolicy
+
 KV_COMPRESS_CHOICES = ("none", "kvtc")
 ENTROPY_CHOICES = ("auto", "deflate", "gdeflate", "ans", "none")
 
@@ -126,8 +128,8 @@ class KVTCOptions:
     ratio: float = 16.0
     store_budget: str = "0.25"
     host_spill: str = "0"
-    sink_tokens: int = 4
-    window_tokens: int = 128
+    sink_tokens: int = DEFAULT_EXACT.sink_tokens
+    window_tokens: int = DEFAULT_EXACT.window_tokens
     entropy: str = "auto"
     min_compress_tokens: int = 32
     capture_dir: str | None = None
@@ -136,6 +138,11 @@ class KVTCOptions:
     @property
     def enabled(self) -> bool:
         return self.kv_compress == "kvtc"
+
+    @property
+    def exact_policy(self) -> ExactPolicy:
+        """The sink/window tokens kept exact, as an ExactPolicy."""
+        return ExactPolicy(self.sink_tokens, self.window_tokens)
 
     @property
     def capturing(self) -> bool:

@@ -1,4 +1,4 @@
-"""``kvtc-sglang patch {check,apply,revert}``: the in-tree sglang 0.5.17 patch adding ``--kv-compress`` to ServerArgs.
+"""The in-tree sglang 0.5.17 patch adding ``--kv-compress`` to ServerArgs (``kvtc-sglang patch`` drives it).
 
 The patch (``patches/sglang-0.5.17-kv-compress.patch``, an upstream-style unified diff of
 ``sglang/srt/server_args.py``) declares the KVTC options as ServerArgs fields, so ``sglang.Engine(kv_compress="kvtc",
@@ -15,10 +15,8 @@ from either.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +198,8 @@ def target_file(site_packages: Path) -> Path:
     return target
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s contents with ``text`` through a temporary file and a rename, keeping its mode."""
     mode = path.stat().st_mode & 0o7777
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -212,57 +211,3 @@ def _write_atomic(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("check", "apply", "revert"),
-                        help="check: say whether the patch applies or is already applied; apply: patch ServerArgs "
-                             "(a no-op if already applied); revert: restore the original file")
-    parser.add_argument("--site-packages", type=Path, default=None, metavar="DIR",
-                        help="site-packages folder holding sglang (default: the installed sglang's)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """0: done or nothing to do; 1: the file differs from sglang 0.5.17's where the patch touches it; 2: bad setup."""
-    site_packages = args.site_packages or compat.installed_sglang_site_packages()
-    if site_packages is None:
-        print("error: sglang is not installed here; pass --site-packages DIR", file=sys.stderr)
-        return 2
-    try:
-        target = target_file(site_packages)
-        patch = load_patch()
-        text = target.read_text(encoding="utf-8")
-    except (compat.SGLangVersionError, FileNotFoundError, PatchError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    state, detail = patch_state(text, patch)
-    if state == CONFLICT:
-        print(f"error: {PATCH_NAME} does not apply to {target} and is not applied there ({detail}); the file differs "
-              f"from sglang {compat.SUPPORTED_SGLANG_VERSION}'s. Reinstall sglang=={compat.SUPPORTED_SGLANG_VERSION} "
-              "to get a pristine copy", file=sys.stderr)
-        return 1
-    if args.action == "check":
-        if state == CLEAN:
-            print(f"{target}: {PATCH_NAME} applies cleanly (not applied yet; run `kvtc-sglang patch apply`)")
-        else:
-            print(f"{target}: {PATCH_NAME} is already applied")
-        return 0
-    if args.action == "apply":
-        if state == APPLIED:
-            print(f"{target}: {PATCH_NAME} is already applied; nothing to do")
-            return 0
-        new_text = apply_hunks(text, patch.hunks)
-        verb = "applied"
-    else:
-        if state == CLEAN:
-            print(f"{target}: {PATCH_NAME} is not applied; nothing to revert")
-            return 0
-        new_text = apply_hunks(text, patch.hunks, reverse=True)
-        verb = "reverted"
-    try:
-        _write_atomic(target, new_text)
-    except OSError as exc:
-        print(f"error: cannot write {target}: {exc}", file=sys.stderr)
-        return 2
-    print(f"{target}: {PATCH_NAME} {verb}")
-    return 0

@@ -32,7 +32,6 @@ from kvtc_sglang.cache.options import ENTROPY_CHOICES, KV_COMPRESS_CHOICES, KVTC
 from kvtc_sglang.cache.startup_checks import (
     BACKEND_NAME,
     attention_tp,
-    check_build_context,
     check_option_conflicts,
     check_server_args,
     require_calibration,
@@ -79,22 +78,15 @@ def _register_backend() -> None:
 
 
 def build_tree_cache(ctx: Any) -> Any:
-    """Radix-cache factory of backend ``kvtc``: refuse unsupported models/caches, then build KVTCRadixCache.
+    """Radix-cache factory of backend ``kvtc`` (``ctx``: SGLang's ``TreeCacheBuildContext``):
+    ``cache.factory.build_tree_cache`` with the store bytes the pool-sizing hook reserved for this rank.
 
-    ``ctx`` is SGLang's ``TreeCacheBuildContext``; the compressed store's byte budget for this rank is
-    ``store_budget_bytes(ctx, options)``.
-    """
+    The factory (the cache class, sglang's tree) is imported here, when a scheduler builds its cache, not when the
+    plugin registers in the launcher."""
+    from kvtc_sglang.cache import factory
+
     options = KVTCOptions.from_server_args(ctx.server_args)
-    card = check_build_context(ctx, options)
-    if options.capturing:
-        from kvtc_sglang.cache.capture import KVCaptureRadixCache
-
-        return KVCaptureRadixCache.from_build_context(ctx, options)
-    logger.info("KVTC: TP rank %d uses calibration card %s, plan %s; %s bytes reserved for the compressed store",
-                ctx.tp_rank, card.path, card.plan_key(options.ratio), reserved_store_bytes(ctx.tp_rank))
-    from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-
-    return KVTCRadixCache.from_build_context(ctx, options)
+    return factory.build_tree_cache(ctx, options, reserved_store_bytes=reserved_store_bytes(ctx.tp_rank))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -103,7 +95,7 @@ def build_tree_cache(ctx: Any) -> Any:
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     """Add the ``--kv-compress``/``--kvtc-*`` flags in their own help group (no-op if the parser has them)."""
-    if "--kv-compress" in parser._option_string_actions:
+    if compat.parser_has_flag(parser, "--kv-compress"):
         return
     d = KVTCOptions()
     group = parser.add_argument_group(
@@ -124,9 +116,9 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
                        help="Pinned host memory for blobs pushed out of the GPU store, in bytes ('8GiB'); "
                             "'0' (default) drops them instead.")
     group.add_argument("--kvtc-sink-tokens", type=int, default=d.sink_tokens, metavar="N",
-                       help="Leading tokens of every sequence kept exact (attention sinks; default 4).")
+                       help=f"Leading tokens of every sequence kept exact (attention sinks; default {d.sink_tokens}).")
     group.add_argument("--kvtc-window-tokens", type=int, default=d.window_tokens, metavar="N",
-                       help="Most recent tokens of a cached sequence kept exact (default 128).")
+                       help=f"Most recent tokens of a cached sequence kept exact (default {d.window_tokens}).")
     group.add_argument("--kvtc-entropy", type=str, choices=ENTROPY_CHOICES, default=d.entropy,
                        help="Lossless stage after quantization: 'auto' (default: none on GPU, where it costs more "
                             "time than it saves memory; DEFLATE on CPU), 'deflate', 'gdeflate', 'ans' or 'none'.")
@@ -240,24 +232,6 @@ def record_reserved_store_bytes(tp_rank: int, store_bytes: int) -> None:
 def reserved_store_bytes(tp_rank: int) -> int | None:
     """Bytes the pool-sizing hook reserved for TP rank ``tp_rank``'s store in this process; None if it did not run."""
     return _RESERVED_STORE_BYTES.get(int(tp_rank))
-
-
-def store_budget_bytes(ctx: Any, options: KVTCOptions) -> int:
-    """The compressed store's byte budget for the rank building its tree cache (``ctx``: TreeCacheBuildContext).
-
-    The bytes the pool-sizing hook carved out of the KV pool; when no sizing pass ran in this process (a pool built
-    by hand, e.g. on CPU), the budget is computed from the pool as built, ``parse_bytes(store_budget, pool bytes)``,
-    and is extra memory on top of the pool.
-    """
-    reserved = reserved_store_bytes(ctx.tp_rank)
-    if reserved is not None:
-        return reserved
-    pool = compat.kv_pool_of(ctx.params.token_to_kv_pool_allocator)
-    pool_bytes = sum(pool.get_kv_size_bytes())
-    budget = parse_bytes(options.store_budget, pool_bytes, what="--kvtc-store-budget")
-    logger.warning("KVTC: the KV pool was not sized by the kvtc hook; the %d-byte compressed store comes on top of "
-                   "the %d-byte pool", budget, pool_bytes)
-    return budget
 
 
 def _config_from_budget_hook(original: Any, configurator: Any, budget_bytes: int, *args: Any, **kwargs: Any) -> Any:

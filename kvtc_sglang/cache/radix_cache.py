@@ -5,8 +5,8 @@ Node states (a ``TreeNode`` of sglang's tree, with two extra attributes: ``kvtc`
 
     hot         ``node.value`` = int64 KV-pool slot indices (as in RadixCache); ``node.kvtc`` is None.
     compressed  ``node.value`` is None; ``node.kvtc`` = (blob handle, token offset, token count) into a blob in the
-                device store (``node.kvtc.tier == "device"``). Still in the tree and matchable.
-    host        the same, with the blob in the host tier (``tier == "host"``).
+                device store (``node.kvtc.tier == Tier.DEVICE``). Still in the tree and matchable.
+    host        the same, with the blob in the host tier (``tier == Tier.HOST``).
     gone        deleted from the tree.
 
 Hot nodes are ancestor-closed (a hot node's parent is hot or the root), so on every root path the hot nodes come
@@ -54,6 +54,7 @@ import heapq
 import logging
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable, Iterator
 
 import torch
@@ -61,16 +62,21 @@ import torch
 from kvtc_sglang import sglang_compat as compat
 from kvtc_sglang.cache.metrics import KVTCStats, PrometheusExporter, StatsLogger
 from kvtc_sglang.cache.options import KVTCOptions, parse_bytes
-from kvtc_sglang.cache.store import DEFAULT_PAGE_BYTES, DEVICE, HOST, BlobHandle, CompressedStore, HostTier
-from kvtc_sglang.codec.codec import exact_token_counts
+from kvtc_sglang.cache.store import DEFAULT_PAGE_BYTES, BlobHandle, CompressedStore, HostTier, Tier
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
-from kvtc_sglang.codec.pool_codec import PoolCodec, make_pool_codec
+from kvtc_sglang.codec.interfaces import PoolCodec
 
 logger = logging.getLogger(__name__)
 
-HOT = "hot"
-COMPRESSED = "compressed"
-HOST_STATE = "host"
+
+
+class NodeState(str, Enum):
+    """A tree node's state (see the module docstring)."""
+
+    HOT = "hot"
+    COMPRESSED = "compressed"
+    HOST = "host"
+
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class KVTCRadixCache(compat.RadixCache):
 
     Args:
         params: sglang's ``CacheInitParams`` (allocator of an ``MHATokenToKVPool``, page_size, eviction_policy, ...).
-        pool_codec: the codec reading/writing this pool's rows (``PoolCodec`` or a kernel path with the same methods).
+        pool_codec: the codec reading/writing this pool's rows (a ``codec.interfaces.PoolCodec``).
         options: the KVTC options (sink/window tokens, min_compress_tokens, host_spill).
         store_budget_bytes: device bytes of the compressed store.
         host_budget_bytes: bytes of the host tier; None reads ``options.host_spill``; 0 disables it.
@@ -147,9 +153,9 @@ class KVTCRadixCache(compat.RadixCache):
         self._k_buffers = list(pool.k_buffer)
         self._v_buffers = list(pool.v_buffer)
         pool_shape = (len(self._k_buffers), int(self._k_buffers[0].shape[1]), int(self._k_buffers[0].shape[2]))
-        if pool_shape != tuple(pool_codec.codec.shape):
+        if pool_shape != tuple(pool_codec.shape):
             raise ShapeError(f"the KV pool holds [layers, heads, head_dim] = {list(pool_shape)} per token but the "
-                             f"codec's calibration is {list(pool_codec.codec.shape)}")
+                             f"codec's calibration is {list(pool_codec.shape)}")
         self._row_bytes = 2 * pool_shape[0] * pool_shape[1] * pool_shape[2] * self._k_buffers[0].element_size()
         pool_device = self._k_buffers[0].device
 
@@ -165,32 +171,6 @@ class KVTCRadixCache(compat.RadixCache):
             labels = dict(metric_labels or {"cache_type": type(self).__name__})
             exporter = PrometheusExporter.create(labels)
         self._stats_logger = StatsLogger(stats_interval_s, exporter)
-
-    @classmethod
-    def from_build_context(cls, ctx: Any, options: KVTCOptions) -> "KVTCRadixCache":
-        """Build the cache for sglang's ``TreeCacheBuildContext``: load the calibration, make the codec, size the store.
-
-        Raises CalibrationMismatchError when the artifact does not fit the pool (layers, KV heads per rank, head_dim,
-        TP layout), naming the command that makes a matching one.
-        """
-        from kvtc_sglang.cache.plugin import store_budget_bytes
-        from kvtc_sglang.cache.startup_checks import attention_tp
-        from kvtc_sglang.codec.artifact import check_artifact_matches, load_artifact, rank_artifact_path
-        from kvtc_sglang.codec.codec import KVTCCodec
-
-        params = ctx.params
-        pool = compat.kv_pool_of(params.token_to_kv_pool_allocator)
-        tp_size = attention_tp(ctx.server_args)
-        tp_rank = int(ctx.tp_rank) % tp_size
-        artifact = load_artifact(rank_artifact_path(options.calibration, tp_size, tp_rank))
-        check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
-                               head_dim=int(pool.head_dim), tp_size=tp_size, tp_rank=tp_rank)
-        device = pool.k_buffer[0].device
-        codec = KVTCCodec(artifact, int(options.ratio), device=device, entropy=options.entropy)
-        kv_dtype = pool.dtype if pool.k_buffer[0].dtype == torch.uint8 else None
-        group = params.tp_cache_group if params.tp_cache_group is not None else ctx.tp_group
-        return cls(params, make_pool_codec(codec, kv_dtype), options, store_budget_bytes(ctx, options),
-                   tp_group=group, metric_labels={"cache_type": cls.__name__, "tp_rank": str(ctx.tp_rank)})
 
     # ------------------------------------------------------------------------------------------------------------------
     # Agreement across TP ranks
@@ -250,7 +230,7 @@ class KVTCRadixCache(compat.RadixCache):
         node.last_access_time = access_time
         values: list[torch.Tensor] = []
         last_hot = node
-        cold = {COMPRESSED: 0, HOST_STATE: 0}
+        cold = {NodeState.COMPRESSED: 0, NodeState.HOST: 0}
         child_key = key.child_key(self.page_size)
         while len(key) > 0 and child_key in node.children:
             child = node.children[child_key]
@@ -275,11 +255,12 @@ class KVTCRadixCache(compat.RadixCache):
         if params.req is not None:
             c = self.kvtc_counters
             c.hit_hot_tokens += len(device_indices)
-            c.hit_compressed_tokens += cold[COMPRESSED]
-            c.hit_host_tokens += cold[HOST_STATE]
-            c.miss_tokens += looked_up - len(device_indices) - cold[COMPRESSED] - cold[HOST_STATE]
+            c.hit_compressed_tokens += cold[NodeState.COMPRESSED]
+            c.hit_host_tokens += cold[NodeState.HOST]
+            c.miss_tokens += looked_up - len(device_indices) - cold[NodeState.COMPRESSED] - cold[NodeState.HOST]
         return compat.MatchResult(device_indices=device_indices, last_device_node=last_hot, last_host_node=node,
-                                  best_match_node=node, host_hit_length=cold[COMPRESSED] + cold[HOST_STATE])
+                                  best_match_node=node,
+                                  host_hit_length=cold[NodeState.COMPRESSED] + cold[NodeState.HOST])
 
     def evict(self, params: Any) -> Any:
         """Free at least ``params.num_tokens`` device tokens (if there are that many evictable ones).
@@ -390,7 +371,7 @@ class KVTCRadixCache(compat.RadixCache):
             ref = _ref(node)
             where = f" blob={ref.handle.id}[{ref.offset}:{ref.offset + ref.count}]" if ref is not None else ""
             print(" " * indent, len(node.key), node.key.token_ids[:10], f"r={node.lock_ref}",
-                  self._state(node) + where)
+                  self._state(node).value + where)
             stack.extend((child, indent + 2) for child in node.children.values())
         print(f"#tokens: {self.total_size()}")
         print(self.stats().summary_line())
@@ -409,7 +390,7 @@ class KVTCRadixCache(compat.RadixCache):
                 continue
             ref = _ref(node)
             handles[ref.handle.id] = ref.handle
-            if ref.tier == DEVICE:
+            if ref.tier == Tier.DEVICE:
                 s.compressed_tokens += ref.count
             else:
                 s.host_tokens += ref.count
@@ -474,9 +455,9 @@ class KVTCRadixCache(compat.RadixCache):
             if want_leaf != (node in self.evictable_leaves):
                 fail(f"node {node.id}: evictable-leaf set membership is {not want_leaf}")
             ref = _ref(node)
-            want_dev = node.value is None and ref.tier == DEVICE and all(
-                c.value is None and _ref(c).tier == HOST for c in node.children.values())
-            want_host = node.value is None and ref.tier == HOST and not node.children
+            want_dev = node.value is None and ref.tier == Tier.DEVICE and all(
+                c.value is None and _ref(c).tier == Tier.HOST for c in node.children.values())
+            want_host = node.value is None and ref.tier == Tier.HOST and not node.children
             if want_dev != (node in self._device_cold_leaves) or want_host != (node in self._host_cold_leaves):
                 fail(f"node {node.id}: cold-leaf set membership")
         if evictable != self.evictable_size_ or protected != self.protected_size_:
@@ -493,7 +474,7 @@ class KVTCRadixCache(compat.RadixCache):
         if set(self._blob_nodes) != set(handles):
             fail("stale blob node sets")
         page = self.store.page_bytes
-        for tier, used in ((DEVICE, self.store.used_bytes), (HOST, self.store.host_used_bytes)):
+        for tier, used in ((Tier.DEVICE, self.store.used_bytes), (Tier.HOST, self.store.host_used_bytes)):
             want = sum(h.num_pages * page for h in handles.values() if h.tier == tier)
             if want != used:
                 fail(f"{tier} store uses {used} bytes, live blobs hold {want}")
@@ -518,10 +499,10 @@ class KVTCRadixCache(compat.RadixCache):
             yield node
             stack.extend(node.children.values())
 
-    def _state(self, node: Any) -> str:
+    def _state(self, node: Any) -> NodeState:
         if node.value is not None:
-            return HOT
-        return COMPRESSED if _ref(node).tier == DEVICE else HOST_STATE
+            return NodeState.HOT
+        return NodeState.COMPRESSED if _ref(node).tier == Tier.DEVICE else NodeState.HOST
 
     def _depth(self, node: Any) -> int:
         """Tokens on the path above ``node`` (the absolute position of its first token)."""
@@ -568,8 +549,8 @@ class KVTCRadixCache(compat.RadixCache):
         self._host_cold_leaves.discard(node)
         if node is self.root_node or node.value is not None:
             return
-        if _ref(node).tier == DEVICE:
-            if all(c.value is None and _ref(c).tier == HOST for c in node.children.values()):
+        if _ref(node).tier == Tier.DEVICE:
+            if all(c.value is None and _ref(c).tier == Tier.HOST for c in node.children.values()):
                 self._device_cold_leaves.add(node)
         elif not node.children:
             self._host_cold_leaves.add(node)
@@ -731,7 +712,7 @@ class KVTCRadixCache(compat.RadixCache):
         Sinks are positions below ``sink_tokens``; the window is the last ``window_tokens`` tokens of a node that ends a
         cached sequence.
         """
-        return exact_token_counts(start, n, self.options.sink_tokens, self.options.window_tokens, at_sequence_end)
+        return self.options.exact_policy.counts(start, n, at_sequence_end)
 
     def _compress(self, node: Any, start: int, n_head: int, n_tail: int) -> bool:
         """hot -> compressed: encode the node's rows, store the blob, then free its slots; False when it cannot be

@@ -4,35 +4,32 @@ Run twice: in the launcher process right after ServerArgs is built (``check_serv
 work), and in every scheduler process when the tree cache is built (``check_build_context``: the loaded model and
 the real KV pool are known there, so layer/head/head_dim/RoPE are compared against what the pool actually holds).
 
-Calibration card (``card.json`` in the artifact directory; only these keys are read)::
-
-    {"format_version": int,
-     "model": {"fingerprint": str, "num_layers": int, "num_kv_heads": int, "head_dim": int,
-               "rope": {"theta": float, "style": "neox" | "gptj", ...}},
-     "tp_size": int, "tp_rank": int,
-     "plans": {"16": {...}, "32": {...}, ...}}
-
-``model.num_kv_heads`` is the model's total KV-head count; the heads one rank holds are
-``max(1, num_kv_heads // tp_size)`` (SGLang's ``ModelConfig.get_num_kv_heads``). A card may state the per-rank count
-explicitly as ``model.num_kv_heads_per_rank``.
+The card is read by ``codec.artifact.read_card_summary`` (the one card reader; no tensors are loaded here) and the
+model's geometry by ``models.geometry.model_geometry``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS, KVTCOptions
-from kvtc_sglang.codec.artifact import rank_artifact_path, rank_dir_name
-from kvtc_sglang.codec.errors import CalibrationMismatchError
+from kvtc_sglang.codec.artifact import (
+    CARD_NAME,
+    CardSummary,
+    calibrate_hint,
+    card_path as artifact_card_path,
+    rank_artifact_path,
+    rank_dir_name,
+    read_card_summary,
+)
+from kvtc_sglang.codec.errors import CalibrationCardError, CalibrationMismatchError
+from kvtc_sglang.models.geometry import ModelConfigError, ModelGeometry, model_geometry
 
 logger = logging.getLogger(__name__)
 
-CARD_FILENAME = "card.json"
 # KVTCOptions field -> CLI flag
 SERVER_FLAG = {name: "--" + attr.replace("_", "-") for name, attr in SERVER_ARGS_ATTRS.items()}
 BACKEND_NAME = "kvtc"
@@ -44,221 +41,20 @@ class KVTCStartupError(ValueError):
     """The server cannot start with the compressed KV tier as configured; the message says what to change."""
 
 
-class CalibrationCardError(KVTCStartupError):
-    """The calibration artifact is missing, unreadable or not a KVTC card."""
-
-
 class CalibrationModelMismatch(CalibrationMismatchError, KVTCStartupError):
     """The calibration card was made for a different model, TP layout or set of ratios."""
-
-
-def calibrate_hint(model_path: str | None = None) -> str:
-    """The command that makes a calibration artifact (named in every calibration error)."""
-    return f"kvtc-sglang calibrate --model {model_path or '<model-path>'} --out <dir>"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The card
-# ---------------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CalibrationCard:
-    """The fields of a calibration card that startup checks use (parsed defensively from ``card.json``)."""
-
-    path: Path
-    format_version: int
-    fingerprint: str | None
-    num_layers: int
-    num_kv_heads: int
-    num_kv_heads_per_rank: int
-    head_dim: int
-    rope_theta: float | None
-    rope_style: str | None
-    tp_size: int
-    tp_rank: int
-    plan_keys: dict[float, str]
-
-    @property
-    def ratios(self) -> tuple[float, ...]:
-        return tuple(sorted(self.plan_keys))
-
-    def plan_key(self, ratio: float) -> str | None:
-        """The key in ``plans`` of the plan for ``ratio``, or None if the card has none."""
-        for value, key in self.plan_keys.items():
-            if math.isclose(value, ratio, rel_tol=1e-9, abs_tol=1e-9):
-                return key
-        return None
-
-
-def resolve_card_path(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else ``path/card.json``; CalibrationCardError if neither exists."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / CARD_FILENAME
-    if not p.is_file():
-        raise CalibrationCardError(
-            f"no KVTC calibration card at {path} (looked for {p}). Make one with `{calibrate_hint()}` and pass the "
-            f"output directory to --kvtc-calibration")
-    return p
-
-
-def load_card(path: str | Path, *, model_path: str | None = None) -> CalibrationCard:
-    """Read a calibration card (a directory holding ``card.json``, or the card file); CalibrationCardError if bad."""
-    card_path = resolve_card_path(path)
-    hint = calibrate_hint(model_path)
-    try:
-        raw = json.loads(card_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CalibrationCardError(f"cannot read KVTC calibration card {card_path}: {exc}. "
-                                   f"Make a new one with `{hint}`") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CalibrationCardError(f"KVTC calibration card {card_path} is not valid JSON ({exc}). "
-                                   f"Make a new one with `{hint}`") from exc
-
-    def bad(what: str) -> CalibrationCardError:
-        return CalibrationCardError(f"KVTC calibration card {card_path} is not usable: {what}. "
-                                    f"Make a new one with `{hint}`")
-
-    if not isinstance(raw, Mapping):
-        raise bad("the top level is not a JSON object")
-    model = raw.get("model")
-    if not isinstance(model, Mapping):
-        raise bad("missing the 'model' object")
-    rope = model.get("rope")
-    rope = rope if isinstance(rope, Mapping) else {}
-    plans = raw.get("plans")
-    if not isinstance(plans, Mapping) or not plans:
-        raise bad("missing the 'plans' object (no bit plans)")
-    plan_keys: dict[float, str] = {}
-    for key in plans:
-        try:
-            value = float(str(key).strip().rstrip("xX"))
-        except ValueError:
-            raise bad(f"plan key {key!r} is not a compression ratio") from None
-        if not (math.isfinite(value) and value > 0):
-            raise bad(f"plan key {key!r} is not a positive compression ratio")
-        plan_keys[value] = str(key)
-
-    format_version = _int(raw.get("format_version"), "format_version", bad, minimum=1)
-    num_layers = _int(model.get("num_layers"), "model.num_layers", bad, minimum=1)
-    num_kv_heads = _int(model.get("num_kv_heads"), "model.num_kv_heads", bad, minimum=1)
-    head_dim = _int(model.get("head_dim"), "model.head_dim", bad, minimum=1)
-    tp_size = _int(raw.get("tp_size", 1), "tp_size", bad, minimum=1)
-    tp_rank = _int(raw.get("tp_rank", 0), "tp_rank", bad, minimum=0)
-    if tp_rank >= tp_size:
-        raise bad(f"tp_rank={tp_rank} is not below tp_size={tp_size}")
-    per_rank_raw = model.get("num_kv_heads_per_rank")
-    per_rank = (max(1, num_kv_heads // tp_size) if per_rank_raw is None
-                else _int(per_rank_raw, "model.num_kv_heads_per_rank", bad, minimum=1))
-    theta_raw = rope.get("theta", rope.get("rope_theta"))
-    rope_theta = None
-    if theta_raw is not None:
-        if isinstance(theta_raw, bool) or not isinstance(theta_raw, (int, float)) or not theta_raw > 0:
-            raise bad(f"model.rope.theta={theta_raw!r} is not a positive number")
-        rope_theta = float(theta_raw)
-    rope_style = rope.get("style")
-    if rope_style is not None and rope_style not in ("neox", "gptj"):
-        raise bad(f"model.rope.style={rope_style!r} is neither 'neox' nor 'gptj'")
-    fingerprint = model.get("fingerprint")
-    return CalibrationCard(
-        path=card_path, format_version=format_version,
-        fingerprint=str(fingerprint) if fingerprint is not None else None,
-        num_layers=num_layers, num_kv_heads=num_kv_heads, num_kv_heads_per_rank=per_rank, head_dim=head_dim,
-        rope_theta=rope_theta, rope_style=rope_style, tp_size=tp_size, tp_rank=tp_rank, plan_keys=plan_keys)
-
-
-def _int(value: Any, name: str, bad, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise bad(f"{name}={value!r} is not an integer >= {minimum}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What a calibration card must agree with: the model's KV layout and RoPE.
-
-    Attributes:
-        name: the model path or architecture (for messages).
-        num_layers: L, attention layers holding KV.
-        num_kv_heads: total KV heads of the model (all TP ranks).
-        head_dim: D.
-        rope_theta: RoPE base, or None if unknown.
-        rope_style: "neox"/"gptj", or None if unknown (HF configs rarely say; the loaded model does).
-    """
-
-    name: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float | None = None
-    rope_style: str | None = None
-
-    def kv_heads_per_rank(self, tp_size: int) -> int:
-        return max(1, self.num_kv_heads // tp_size)
-
-
-def model_geometry(model_config_or_path: Any) -> ModelGeometry:
-    """Read a ModelGeometry from a model directory / ``config.json`` path, an HF config dict or ``PretrainedConfig``,
-    an SGLang ``ModelConfig``, or a ModelGeometry (returned as is). KVTCStartupError if a config cannot be read."""
-    source = model_config_or_path
-    if isinstance(source, ModelGeometry):
-        return source
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        config_path = path / "config.json" if path.is_dir() else path
-        if not config_path.is_file():
-            raise KVTCStartupError(f"cannot check the KVTC calibration against the model: no config.json at {path}")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise KVTCStartupError(f"cannot read the model config {config_path}: {exc}") from exc
-        return _geometry_from_dict(config, name=str(path))
-    if hasattr(source, "hf_text_config") and hasattr(source, "get_total_num_kv_heads"):
-        text = source.hf_text_config
-        d = text.to_dict() if hasattr(text, "to_dict") else dict(vars(text))
-        name = getattr(source, "model_path", None) or type(source).__name__
-        base = _geometry_from_dict(d, name=str(name))
-        return ModelGeometry(name=base.name, num_layers=int(source.num_hidden_layers),
-                             num_kv_heads=int(source.get_total_num_kv_heads()), head_dim=int(source.head_dim),
-                             rope_theta=base.rope_theta, rope_style=base.rope_style)
-    if isinstance(source, Mapping):
-        return _geometry_from_dict(dict(source), name=str(source.get("_name_or_path") or "model"))
-    if hasattr(source, "to_dict"):
-        d = source.to_dict()
-        return _geometry_from_dict(d, name=str(d.get("_name_or_path") or type(source).__name__))
-    raise TypeError(f"cannot read a model geometry from {type(source).__name__}: pass a model directory, a "
-                    "config.json path, an HF config (dict or PretrainedConfig) or an SGLang ModelConfig")
-
-
-def _geometry_from_dict(d: Mapping[str, Any], *, name: str) -> ModelGeometry:
-    if "num_hidden_layers" not in d and isinstance(d.get("text_config"), Mapping):
-        d = d["text_config"]
-    layers = d.get("num_hidden_layers", d.get("n_layer", d.get("num_layers")))
-    heads = d.get("num_attention_heads", d.get("n_head"))
-    kv_heads = d.get("num_key_value_heads", heads)
-    head_dim = d.get("head_dim")
-    if head_dim is None and d.get("hidden_size") and heads:
-        head_dim = int(d["hidden_size"]) // int(heads)
-    missing = [k for k, v in (("num_hidden_layers", layers), ("num_key_value_heads", kv_heads),
-                              ("head_dim", head_dim)) if not v]
-    if missing:
-        raise KVTCStartupError(f"the model config of {name} lacks {', '.join(missing)}; cannot check the KVTC "
-                               "calibration against it")
-    params = d.get("rope_parameters")
-    theta = params.get("rope_theta") if isinstance(params, Mapping) else None
-    if theta is None:
-        theta = d.get("rope_theta")
-    if theta is None:
-        theta = 10000.0  # the transformers/SGLang default base
-    style = None
-    if "rope_is_neox_style" in d:
-        style = "neox" if d["rope_is_neox_style"] else "gptj"
-    return ModelGeometry(name=name, num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
-                         rope_theta=float(theta), rope_style=style)
+def _model_geometry(model_config_or_path: Any) -> ModelGeometry:
+    """``models.geometry.model_geometry``; KVTCStartupError when a config cannot be read."""
+    try:
+        return model_geometry(model_config_or_path)
+    except ModelConfigError as exc:
+        raise KVTCStartupError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +64,7 @@ def _geometry_from_dict(d: Mapping[str, Any], *, name: str) -> ModelGeometry:
 def validate_calibration_for_model(card_path: str | Path, model_config_or_path: Any, *, tp_size: int = 1,
                                    tp_rank: int | None = None, ratio: float | None = None,
                                    rope_style: str | None = None, rope_theta: float | None = None,
-                                   model_path: str | None = None) -> CalibrationCard:
+                                   model_path: str | None = None) -> CardSummary:
     """Check that a calibration card fits a model; return the parsed card.
 
     Args:
@@ -285,9 +81,9 @@ def validate_calibration_for_model(card_path: str | Path, model_config_or_path: 
         CalibrationModelMismatch: layers, KV heads per rank, head_dim, RoPE theta/style, TP layout or ratio differ;
             the message names both values and the command that makes a fitting card.
     """
-    geometry = model_geometry(model_config_or_path)
+    geometry = _model_geometry(model_config_or_path)
     model_path = model_path or geometry.name
-    card = load_card(card_path, model_path=model_path)
+    card = read_card_summary(card_path, model_path=model_path)
     hint = calibrate_hint(model_path)
 
     def mismatch(what: str, card_value: Any, model_value: Any, extra: str = "") -> CalibrationModelMismatch:
@@ -389,19 +185,20 @@ def require_calibration(options: KVTCOptions, model_path: str | None = None, tp_
             f"`{calibrate_hint(model_path)}` and pass --kvtc-calibration <dir>")
     paths = []
     for rank in range(max(1, int(tp_size))):
-        try:
-            paths.append(resolve_card_path(rank_artifact_path(options.calibration, tp_size, rank)))
-        except CalibrationCardError:
-            where = f" for TP rank {rank} of {tp_size} (expected {CARD_FILENAME} in {rank_dir_name(tp_size, rank)}/ " \
+        path = artifact_card_path(rank_artifact_path(options.calibration, tp_size, rank))
+        if path.is_file():
+            paths.append(path)
+        else:
+            where = f" for TP rank {rank} of {tp_size} (expected {CARD_NAME} in {rank_dir_name(tp_size, rank)}/ " \
                     f"there, or in the directory itself)" if tp_size > 1 else \
-                    f" (expected a directory holding {CARD_FILENAME}, or the card file)"
+                    f" (expected a directory holding {CARD_NAME}, or the card file)"
             raise CalibrationCardError(
                 f"--kvtc-calibration {options.calibration}: no KVTC calibration card there{where}. Make one with "
-                f"`{calibrate_hint(model_path)}{f' --tp-size {tp_size}' if tp_size > 1 else ''}`") from None
+                f"`{calibrate_hint(model_path)}{f' --tp-size {tp_size}' if tp_size > 1 else ''}`")
     return paths
 
 
-def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard | None:
+def check_server_args(server_args: Any, options: KVTCOptions) -> CardSummary | None:
     """All launcher-side checks on a built ServerArgs; returns the parsed card (None when the tier is off).
 
     The card is compared against the model when its geometry is known here: the ModelConfig that ServerArgs'
@@ -431,7 +228,7 @@ def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard
     cards = []
     for rank, path in enumerate(card_paths):
         if model_source is None:
-            card = load_card(path, model_path=model_path)
+            card = read_card_summary(path, model_path=model_path)
             if card.plan_key(options.ratio) is None:
                 raise CalibrationModelMismatch(
                     f"--kvtc-ratio {options.ratio:g} has no bit plan in KVTC calibration card {card.path} (plans: "
@@ -451,7 +248,7 @@ def check_server_args(server_args: Any, options: KVTCOptions) -> CalibrationCard
 # Tree-cache build context (scheduler process)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard | None:
+def check_build_context(ctx: Any, options: KVTCOptions) -> CardSummary | None:
     """Refuse model/cache situations the compressed tier cannot serve, then check the card against the real pool.
 
     ``ctx`` is SGLang's ``TreeCacheBuildContext``. Raises KVTCStartupError / CalibrationModelMismatch.
@@ -503,7 +300,7 @@ def check_build_context(ctx: Any, options: KVTCOptions) -> CalibrationCard | Non
     if options.capturing:
         return None
     model_config = ctx.model_config
-    geometry = model_geometry(model_config)
+    geometry = _model_geometry(model_config)
     if pool.layer_num != geometry.num_layers:
         raise KVTCStartupError(f"the KV pool of this rank holds {pool.layer_num} of {geometry.num_layers} layers; "
                                "the compressed KV tier needs all layers on every rank")

@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
 from kvtc_sglang.codec.transfer import to_device_async
 
-DEVICE = "device"
-HOST = "host"
+
+
+class Tier(str, Enum):
+    """Where a stored blob's bytes are: the device store or the host tier."""
+
+    DEVICE = "device"
+    HOST = "host"
+
+
 DEFAULT_PAGE_BYTES = 4096
 
 
@@ -40,7 +48,7 @@ class BlobHandle:
         num_pages: pages reserved for it (>= ceil(nbytes / page_bytes); more when the caller asked for a larger,
             rank-agreed reservation).
         page_bytes: page size of the store (both tiers use the same).
-        tier: DEVICE or HOST.
+        tier: Tier.DEVICE or Tier.HOST.
         refcount: live references; the bytes are freed when it reaches 0.
         pages: page ids in the arena of its tier, shape: [num_pages], dtype: torch.int64, on that arena's device.
         pages_cpu: the same ids on the CPU (the free list's copy).
@@ -238,7 +246,7 @@ class CompressedStore:
         return sum(h.nbytes for h in self._live.values() if tier is None or h.tier == tier)
 
     def _arena(self, tier: str) -> PageArena:
-        if tier == DEVICE:
+        if tier == Tier.DEVICE:
             return self.arena
         if self.host is None:
             raise RuntimeError("this store has no host tier")
@@ -264,7 +272,7 @@ class CompressedStore:
         if ids is None:
             return None
         handle = BlobHandle(id=next(self._ids), nbytes=int(blob.numel()), num_pages=n, page_bytes=self.page_bytes,
-                            tier=DEVICE)
+                            tier=Tier.DEVICE)
         self._place(handle, self.arena, ids)
         self.arena.write(handle.pages, blob)
         self._live[handle.id] = handle
@@ -326,11 +334,11 @@ class CompressedStore:
 
     def demote(self, handle: BlobHandle) -> bool:
         """Move a device blob to the host tier (same page count). False, with nothing changed, when it lacks room."""
-        return self._move(handle, HOST)
+        return self._move(handle, Tier.HOST)
 
     def promote(self, handle: BlobHandle) -> bool:
         """Move a host blob back to the device arena. False, with nothing changed, when it lacks room."""
-        return self._move(handle, DEVICE)
+        return self._move(handle, Tier.DEVICE)
 
     def clear(self) -> None:
         """Free every blob in both tiers (every handle becomes invalid)."""

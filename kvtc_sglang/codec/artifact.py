@@ -20,20 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
-from kvtc_sglang.codec.errors import CalibrationMismatchError
-from kvtc_sglang.codec.plan import GROUP_OVERHEAD_BITS, BitPlan
+from kvtc_sglang.codec.defaults import DEFAULT_EXACT, ExactPolicy
+from kvtc_sglang.codec.dp import ALIGN
+from kvtc_sglang.codec.errors import CalibrationCardError, CalibrationMismatchError
+from kvtc_sglang.codec.kinds import KINDS
+from kvtc_sglang.codec.plan import GROUP_BITS, GROUP_OVERHEAD_BITS, GROUP_SIZES, BitPlan
+from kvtc_sglang.codec.rope import STYLES
 
 CARD_FORMAT_VERSION = 1
 CARD_NAME = "card.json"
 TENSORS_NAME = "tensors.pt"
-KINDS = ("k", "v")
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,8 @@ class CalibrationArtifact:
     plans: dict[int, RatioPlans]
     tp_size: int = 1
     tp_rank: int = 0
-    sink_tokens: int = 4
-    window_tokens: int = 128
+    sink_tokens: int = DEFAULT_EXACT.sink_tokens
+    window_tokens: int = DEFAULT_EXACT.window_tokens
     calibration: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     # encoder clip factor per kind and (group size, bits); absent = min/max (see quantize.py)
@@ -102,6 +107,11 @@ class CalibrationArtifact:
         if "num_kv_heads_per_rank" in self.model:
             return int(self.model["num_kv_heads_per_rank"])
         return int(self.model["num_kv_heads"]) // int(self.tp_size)
+
+    @property
+    def exact_policy(self) -> ExactPolicy:
+        """The sink/window tokens the calibration kept exact (and skipped), as an ExactPolicy."""
+        return ExactPolicy(self.sink_tokens, self.window_tokens)
 
     @property
     def head_dim(self) -> int:
@@ -142,10 +152,10 @@ class CalibrationArtifact:
             "window_tokens": self.window_tokens,
             "p": self.p,
             "quantizer": {
-                "group_sizes": [1, 16, 64, 256, 1024],
-                "bits": [0, 2, 4, 8],
+                "group_sizes": list(GROUP_SIZES),
+                "bits": list(GROUP_BITS),
                 "overhead_bits_per_group": GROUP_OVERHEAD_BITS,
-                "group_alignment": 16,
+                "group_alignment": ALIGN,
                 "params": "float16 shift (range low end) and scale ((high-low)/(2^b-1), rounded up)",
                 "range": "group min/max, clipped to mean +- c*std where c = clip[kind]['SIZExBITS'] > 0",
                 "int8": "uniform, 256 levels, same rule",
@@ -216,8 +226,14 @@ def _sha256_file(path) -> str:
 
 
 def card_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    """``path/card.json`` for an artifact directory, else ``path`` itself (the card file); ``~`` expanded."""
+    p = Path(path).expanduser()
     return p / CARD_NAME if p.is_dir() else p
+
+
+def calibrate_hint(model_path: str | None = None) -> str:
+    """The command that makes a calibration artifact (named in every calibration error)."""
+    return f"kvtc-sglang calibrate --model {model_path or '<model-path>'} --out <dir>"
 
 
 def rank_dir_name(tp_size: int, tp_rank: int) -> str:
@@ -240,22 +256,128 @@ def rank_artifact_path(path: str | os.PathLike, tp_size: int, tp_rank: int) -> P
     return p
 
 
-def read_card(path: str | os.PathLike) -> dict:
-    """The card JSON of an artifact directory (or card file). Raises CalibrationMismatchError."""
+def read_card(path: str | os.PathLike, *, model_path: str | None = None) -> dict:
+    """The card JSON of an artifact directory (or card file): a JSON object of this build's format version.
+
+    Raises CalibrationCardError (naming the calibrate command, with ``model_path`` when given) if the card is missing,
+    unreadable, not a JSON object or of another format version.
+    """
     cp = card_path(path)
+    hint = calibrate_hint(model_path)
     if not cp.is_file():
-        raise CalibrationMismatchError(
-            f"no calibration card at {cp}; create one with `kvtc-sglang calibrate --model <model> --out <dir>`"
-        )
+        raise CalibrationCardError(f"no calibration card at {cp}; make one with `{hint}`")
     try:
-        card = json.loads(cp.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CalibrationMismatchError(f"unreadable calibration card {cp}: {e}") from e
+        card = json.loads(cp.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CalibrationCardError(f"cannot read calibration card {cp}: {e}. Make a new one with `{hint}`") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CalibrationCardError(f"calibration card {cp} is not valid JSON ({e}). Make a new one with `{hint}`") from e
+    if not isinstance(card, dict):
+        raise CalibrationCardError(f"calibration card {cp} is not usable: the top level is not a JSON object. "
+                                   f"Make a new one with `{hint}`")
     if card.get("format_version") != CARD_FORMAT_VERSION:
-        raise CalibrationMismatchError(
-            f"calibration card {cp} has format version {card.get('format_version')}, this build reads {CARD_FORMAT_VERSION}; recalibrate"
-        )
+        raise CalibrationCardError(f"calibration card {cp} has format version {card.get('format_version')}, this "
+                                   f"build reads {CARD_FORMAT_VERSION}. Make a new one with `{hint}`")
     return card
+
+
+@dataclass(frozen=True)
+class CardSummary:
+    """The facts of a card that startup checks compare with the model and the server (no tensors read).
+
+    Attributes:
+        path: the card file.
+        fingerprint: the model's architecture fingerprint, or None.
+        num_layers, num_kv_heads, head_dim: the model's KV geometry (num_kv_heads: all ranks').
+        num_kv_heads_per_rank: heads of the card's rank (``model.num_kv_heads_per_rank``, else
+            ``max(1, num_kv_heads // tp_size)``, SGLang's ``ModelConfig.get_num_kv_heads``).
+        rope_theta, rope_style: the RoPE the card was made for (None when it does not say).
+        tp_size, tp_rank: the TP layout of the card.
+        plan_keys: compression ratio -> key of its plan in ``plans``.
+    """
+
+    path: Path
+    format_version: int
+    fingerprint: str | None
+    num_layers: int
+    num_kv_heads: int
+    num_kv_heads_per_rank: int
+    head_dim: int
+    rope_theta: float | None
+    rope_style: str | None
+    tp_size: int
+    tp_rank: int
+    plan_keys: dict[float, str]
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        return tuple(sorted(self.plan_keys))
+
+    def plan_key(self, ratio: float) -> str | None:
+        """The key in ``plans`` of the plan for ``ratio``, or None if the card has none."""
+        for value, key in self.plan_keys.items():
+            if math.isclose(value, ratio, rel_tol=1e-9, abs_tol=1e-9):
+                return key
+        return None
+
+    @classmethod
+    def from_card(cls, card: Mapping[str, Any], path: Path, *, model_path: str | None = None) -> "CardSummary":
+        """Parse the summary out of card JSON (as ``read_card`` returns it), checking every field it reads.
+        Raises CalibrationCardError naming the field and the calibrate command."""
+        hint = calibrate_hint(model_path)
+
+        def bad(what: str) -> CalibrationCardError:
+            return CalibrationCardError(f"calibration card {path} is not usable: {what}. Make a new one with `{hint}`")
+
+        def integer(value: Any, name: str, minimum: int) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise bad(f"{name}={value!r} is not an integer >= {minimum}")
+            return value
+
+        model = card.get("model")
+        if not isinstance(model, Mapping):
+            raise bad("missing the 'model' object")
+        rope = model.get("rope")
+        rope = rope if isinstance(rope, Mapping) else {}
+        plans = card.get("plans")
+        if not isinstance(plans, Mapping) or not plans:
+            raise bad("missing the 'plans' object (no bit plans)")
+        plan_keys: dict[float, str] = {}
+        for key in plans:
+            try:
+                value = float(str(key).strip().rstrip("xX"))
+            except ValueError:
+                raise bad(f"plan key {key!r} is not a compression ratio") from None
+            if not (math.isfinite(value) and value > 0):
+                raise bad(f"plan key {key!r} is not a positive compression ratio")
+            plan_keys[value] = str(key)
+        num_layers = integer(model.get("num_layers"), "model.num_layers", 1)
+        num_kv_heads = integer(model.get("num_kv_heads"), "model.num_kv_heads", 1)
+        head_dim = integer(model.get("head_dim"), "model.head_dim", 1)
+        tp_size = integer(card.get("tp_size", 1), "tp_size", 1)
+        tp_rank = integer(card.get("tp_rank", 0), "tp_rank", 0)
+        if tp_rank >= tp_size:
+            raise bad(f"tp_rank={tp_rank} is not below tp_size={tp_size}")
+        per_rank = model.get("num_kv_heads_per_rank")
+        per_rank = (max(1, num_kv_heads // tp_size) if per_rank is None
+                    else integer(per_rank, "model.num_kv_heads_per_rank", 1))
+        theta = rope.get("theta", rope.get("rope_theta"))
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0):
+            raise bad(f"model.rope.theta={theta!r} is not a positive number")
+        style = rope.get("style")
+        if style is not None and style not in STYLES:
+            raise bad(f"model.rope.style={style!r} is neither 'neox' nor 'gptj'")
+        fingerprint = model.get("fingerprint")
+        return cls(path=path, format_version=int(card["format_version"]),
+                   fingerprint=str(fingerprint) if fingerprint is not None else None,
+                   num_layers=num_layers, num_kv_heads=num_kv_heads, num_kv_heads_per_rank=per_rank, head_dim=head_dim,
+                   rope_theta=float(theta) if theta is not None else None, rope_style=style, tp_size=tp_size,
+                   tp_rank=tp_rank, plan_keys=plan_keys)
+
+
+def read_card_summary(path: str | os.PathLike, *, model_path: str | None = None) -> CardSummary:
+    """``read_card`` + ``CardSummary.from_card``. Raises CalibrationCardError naming the calibrate command."""
+    return CardSummary.from_card(read_card(path, model_path=model_path), card_path(path), model_path=model_path)
 
 
 def load_artifact(path: str | os.PathLike, tensors_path: str | os.PathLike | None = None) -> CalibrationArtifact:
@@ -302,8 +424,8 @@ def load_artifact(path: str | os.PathLike, tensors_path: str | os.PathLike | Non
              "quantizer", "kinds", "plans", "artifact_id", "calibration", "tensors"}
     art = CalibrationArtifact(
         model=card["model"], blocks=blocks, plans=plans, tp_size=card.get("tp_size", 1),
-        tp_rank=card.get("tp_rank", 0), sink_tokens=card.get("sink_tokens", 4),
-        window_tokens=card.get("window_tokens", 128), calibration=card.get("calibration", {}),
+        tp_rank=card.get("tp_rank", 0), sink_tokens=card.get("sink_tokens", DEFAULT_EXACT.sink_tokens),
+        window_tokens=card.get("window_tokens", DEFAULT_EXACT.window_tokens), calibration=card.get("calibration", {}),
         extra={k: v for k, v in card.items() if k not in known},
         clip=clip,
     )

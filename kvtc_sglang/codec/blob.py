@@ -50,7 +50,7 @@ class BlobHeader:
     fingerprint: bytes  # 16 bytes identifying the calibration artifact (and so the model)
     ratio: int  # target ratio of the plan used
     exact_dtype: int  # EXACT_DTYPES code of the exact rows
-    coder: int  # entropy coder id (entropy.CODER_IDS)
+    coder: int  # entropy.EntropyCoderId of the chunks
     n_tokens: int  # tokens in the run (exact + coded)
     start_pos: int  # absolute position of the first token
     n_head: int  # exact tokens at the start of the run (attention sinks)

@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvtc_sglang.codec.artifact import KINDS, CalibrationArtifact, FeatureBlock, RatioPlans
+from kvtc_sglang.codec.artifact import CalibrationArtifact, FeatureBlock, RatioPlans
+from kvtc_sglang.codec.defaults import DEFAULT_EXACT
 from kvtc_sglang.codec.dp import budget_bits_for_ratio, fit_clip_factors, measure_error_tables, solve
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.kinds import KINDS
 from kvtc_sglang.codec.pca import CovarianceAccumulator, fit_pca
 from kvtc_sglang.codec.plan import BitPlan
 from kvtc_sglang.codec.rope import RopeConfig, undo_rope
@@ -46,8 +48,8 @@ class CalibrationSettings:
     dp_samples: int = 4096  # tokens whose quantization error drives the DP
     ratios: Sequence[int] = DEFAULT_RATIOS
     layer_blocks: int = 1  # feature blocks per kind (1 = one model-wide basis)
-    sink_tokens: int = 4
-    window_tokens: int = 128
+    sink_tokens: int = DEFAULT_EXACT.sink_tokens
+    window_tokens: int = DEFAULT_EXACT.window_tokens
     seed: int = 0
     joint_kv: bool = True  # with sensitivity weighting: one budget of 2B shared by K and V
     scale_floor: float = 0.3  # feature scales are clamped below at this fraction of their RMS

@@ -18,28 +18,18 @@ import torch
 from kvtc_sglang.codec import blob as blobfmt
 from kvtc_sglang.codec.artifact import CalibrationArtifact
 from kvtc_sglang.codec.entropy import (
-    CODER_IDS,
-    CODER_NAMES,
     DEFAULT_CHUNK_BYTES,
     EntropyCoder,
+    EntropyCoderId,
     NoEntropy,
     get_entropy_coder,
     split_chunks,
 )
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
+from kvtc_sglang.codec.kinds import KINDS, Kind
 from kvtc_sglang.codec.payload import KindCoder
+from kvtc_sglang.codec.payload_layout import PayloadLayout
 from kvtc_sglang.codec.rope import RopeConfig, apply_rope, undo_rope
-
-
-def exact_token_counts(start_pos: int, n: int, sink_tokens: int, window_tokens: int, at_sequence_end: bool) -> tuple[int, int]:
-    """(n_head, n_tail): tokens of a run [start_pos, start_pos + n) that stay exact.
-
-    Positions below `sink_tokens` are attention sinks; when the run ends a cached sequence, its last
-    `window_tokens` tokens are the recent window.
-    """
-    n_head = max(0, min(n, sink_tokens - start_pos))
-    n_tail = min(window_tokens, n - n_head) if at_sequence_end else 0
-    return n_head, n_tail
 
 
 @dataclass
@@ -69,7 +59,7 @@ class KVTCCodec:
         self.p = artifact.p
         plans = artifact.plan(self.ratio)
         self.kinds = {kind: KindCoder(artifact.blocks[kind], plans.for_kind(kind), self.p, self.device, artifact.clip.get(kind))
-                      for kind in ("k", "v")}
+                      for kind in KINDS}
         self.rope = RopeConfig.from_dict(artifact.model["rope"])
         self.coder = get_entropy_coder(entropy, self.device) if isinstance(entropy, str) else entropy
         self.chunk_bytes = int(chunk_bytes)
@@ -80,9 +70,27 @@ class KVTCCodec:
         """Packed bytes of one compressed token (K + V), before the entropy stage."""
         return self.kinds["k"].bytes_per_token + self.kinds["v"].bytes_per_token
 
+    def payload_layout(self, n_head: int, n_tail: int, n_coded: int, exact_dtype: torch.dtype) -> PayloadLayout:
+        """The raw payload layout of a run with these token counts under this codec's plan."""
+        kind_bytes = (self.kinds["k"].bytes_per_token, self.kinds["v"].bytes_per_token)
+        return PayloadLayout(n_head, n_tail, n_coded, self.p, exact_dtype, kind_bytes)
+
+    def header_layout(self, h: blobfmt.BlobHeader) -> PayloadLayout:
+        """The raw payload layout a blob header describes."""
+        return self.payload_layout(h.n_head, h.n_tail, h.n_coded, blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype])
+
     def raw_size(self, n_tokens: int, n_exact: int, exact_dtype: torch.dtype) -> int:
-        esize = torch.empty(0, dtype=exact_dtype).element_size()
-        return n_exact * 2 * self.p * esize + (n_tokens - n_exact) * self.coded_bytes_per_token()
+        """Bytes of the raw payload of ``n_tokens`` tokens, ``n_exact`` of them exact rows of ``exact_dtype``."""
+        return self.payload_layout(n_exact, 0, n_tokens - n_exact, exact_dtype).raw_size
+
+    def header(self, exact_dtype: torch.dtype, coder: int, n: int, start_pos: int, n_head: int, n_tail: int,
+               raw_size: int, n_chunks: int, data_size: int = 0) -> blobfmt.BlobHeader:
+        """The header of a blob of this codec (fingerprint, plan) over a raw payload of ``raw_size`` bytes."""
+        return blobfmt.BlobHeader(
+            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
+            coder=coder, n_tokens=n, start_pos=int(start_pos), n_head=n_head, n_tail=n_tail,
+            chunk_bytes=self.chunk_bytes, n_chunks=n_chunks, raw_size=raw_size, data_size=data_size,
+        )
 
     # ------------------------------------------------------------------ encode
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -142,11 +150,8 @@ class KVTCCodec:
             use_raw = c.numel() >= raw.numel()
             stored.append(raw if use_raw else c)
             flags.append(use_raw)
-        header = blobfmt.BlobHeader(
-            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
-            coder=CODER_IDS[self.coder.name], n_tokens=n, start_pos=int(start_pos), n_head=n_head,
-            n_tail=n_tail, chunk_bytes=self.chunk_bytes, n_chunks=len(stored), raw_size=payload.numel(), data_size=0,
-        )
+        header = self.header(exact_dtype, EntropyCoderId.of(self.coder.name), n, start_pos, n_head, n_tail,
+                             payload.numel(), len(stored))
         return blobfmt.assemble(header, stored, flags)
 
     # ------------------------------------------------------------------ decode
@@ -161,19 +166,20 @@ class KVTCCodec:
             raise BlobFormatError(f"blob holds {h.n_tokens} tokens, caller expects {expected_tokens}")
         if expected_start is not None and h.start_pos != expected_start:
             raise BlobFormatError(f"blob starts at position {h.start_pos}, caller expects {expected_start}")
-        esize = torch.empty(0, dtype=blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]).element_size()
-        want_raw = (h.n_head + h.n_tail) * 2 * self.p * esize + h.n_coded * self.coded_bytes_per_token()
+        want_raw = self.header_layout(h).raw_size
         if h.raw_size != want_raw:
             raise BlobFormatError(f"blob payload is {h.raw_size} bytes, {want_raw} expected for its token counts")
         blobfmt.verify_checksum(blob, h)
         return h
 
     def _coder_for(self, coder_id: int) -> EntropyCoder:
-        if coder_id == CODER_IDS[self.coder.name]:
+        if coder_id == EntropyCoderId.of(self.coder.name):
             return self.coder
-        if coder_id not in CODER_NAMES:
-            raise BlobFormatError(f"unknown entropy coder id {coder_id}")
-        return NoEntropy() if coder_id == 0 else get_entropy_coder(CODER_NAMES[coder_id], self.device)
+        try:
+            coder = EntropyCoderId(coder_id)
+        except ValueError:
+            raise BlobFormatError(f"unknown entropy coder id {coder_id}") from None
+        return NoEntropy() if coder == EntropyCoderId.NONE else get_entropy_coder(coder.coder_name, self.device)
 
     def payload(self, blob: torch.Tensor, h: blobfmt.BlobHeader) -> torch.Tensor:
         """Inflate the chunks of a verified blob into its raw payload (1-D uint8)."""
@@ -217,13 +223,11 @@ class KVTCCodec:
             raise ShapeError("coded rows of an fp8 (uint8-storage) blob need out_dtype=<the pool's fp8 dtype>")
         payload = self.payload(blob, h)
         L, H, D = self.shape
-        n_ex = h.n_head + h.n_tail
-        esize = torch.empty(0, dtype=exact_dtype).element_size()
-        ex_bytes = n_ex * 2 * self.p * esize
-        exact = payload[:ex_bytes].view(exact_dtype).view(n_ex, 2, L, H, D) if n_ex else None
+        layout = self.header_layout(h)
+        exact = layout.exact_rows(payload, self.shape)
         if exact is not None and exact_dtype != out_dtype:
             if exact_dtype == torch.uint8:
-                if torch.empty(0, dtype=out_dtype).element_size() != 1:
+                if out_dtype.itemsize != 1:
                     raise ShapeError(f"exact rows are fp8 bytes; cannot return them as {out_dtype}")
                 exact = exact.view(out_dtype)
             else:
@@ -232,24 +236,21 @@ class KVTCCodec:
         v = torch.empty_like(k)
         # token index t in the run -> exact row (head), coded row, or exact row (tail)
         m = h.n_coded
-        head_lo, head_hi = a, min(b, h.n_head)
-        if head_hi > head_lo:
-            k[: head_hi - head_lo] = exact[head_lo:head_hi, 0]
-            v[: head_hi - head_lo] = exact[head_lo:head_hi, 1]
-        tail_start = h.n_head + m
-        tail_lo, tail_hi = max(a, tail_start), b
-        if tail_hi > tail_lo:
-            rows = slice(h.n_head + tail_lo - tail_start, h.n_head + tail_hi - tail_start)
-            k[tail_lo - a :] = exact[rows, 0]
-            v[tail_lo - a :] = exact[rows, 1]
-        c_lo, c_hi = max(a, h.n_head), min(b, tail_start)
-        if c_hi > c_lo:
-            ks = self.kinds["k"].section_bytes(m)
-            sec_k = payload[ex_bytes : ex_bytes + ks]
-            sec_v = payload[ex_bytes + ks :]
-            rows = slice(c_lo - h.n_head, c_hi - h.n_head)
+        head, tail, coded = layout.token_rows(a, b)
+        for part in (head, tail):
+            if part.n_rows:
+                rows = slice(part.row0, part.row0 + part.n_rows)
+                k[part.idx0 : part.idx0 + part.n_rows] = exact[rows, 0]
+                v[part.idx0 : part.idx0 + part.n_rows] = exact[rows, 1]
+        if coded.n_rows:
+            o_k, o_v = layout.section_offset(Kind.K), layout.section_offset(Kind.V)
+            sec_k = payload[o_k : o_k + layout.section_bytes(Kind.K)]
+            sec_v = payload[o_v : o_v + layout.section_bytes(Kind.V)]
+            rows = slice(coded.row0, coded.row0 + coded.n_rows)
+            out = slice(coded.idx0, coded.idx0 + coded.n_rows)
             kx = self.kinds["k"].decode(sec_k, m, rows).view(-1, L, H, D)
-            pos = torch.arange(h.start_pos + c_lo, h.start_pos + c_hi, device=self.device)
-            k[c_lo - a : c_hi - a] = apply_rope(kx, pos, self.rope).to(out_dtype)
-            v[c_lo - a : c_hi - a] = self.kinds["v"].decode(sec_v, m, rows).view(-1, L, H, D).to(out_dtype)
+            first = h.start_pos + h.n_head + coded.row0
+            pos = torch.arange(first, first + coded.n_rows, device=self.device)
+            k[out] = apply_rope(kx, pos, self.rope).to(out_dtype)
+            v[out] = self.kinds["v"].decode(sec_v, m, rows).view(-1, L, H, D).to(out_dtype)
         return DecodedKV(k, v, h)

@@ -15,15 +15,39 @@ Coder ids are part of the blob format:
 from __future__ import annotations
 
 import zlib
+from enum import IntEnum
 from typing import Protocol, Sequence
 
 import torch
 
 from kvtc_sglang.codec.errors import BlobFormatError, EntropyCodecUnavailable
 
-CODER_IDS = {"none": 0, "deflate": 1, "gdeflate": 2, "ans": 3}
-CODER_NAMES = {v: k for k, v in CODER_IDS.items()}
 DEFAULT_CHUNK_BYTES = 1 << 16
+
+
+class EntropyCoderId(IntEnum):
+    """The entropy coder of a blob's chunks, as the blob header stores it (one byte: never renumber)."""
+
+    NONE = 0
+    DEFLATE = 1
+    GDEFLATE = 2
+    ANS = 3
+
+    @property
+    def coder_name(self) -> str:
+        """The coder's name: "none", "deflate", "gdeflate" or "ans" (``EntropyCoder.name``, ``--kvtc-entropy``)."""
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, name: str) -> "EntropyCoderId":
+        """The id of a coder name; ValueError for an unknown one."""
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown entropy coder {name!r}; choose from {CODER_NAMES} or 'auto'") from None
+
+
+CODER_NAMES = tuple(c.coder_name for c in EntropyCoderId)
 
 
 class EntropyCoder(Protocol):
@@ -95,8 +119,7 @@ def get_entropy_coder(name: str, device: torch.device | str = "cpu") -> EntropyC
         name = "none" if device.type == "cuda" else "deflate"
     if name == "none":
         return NoEntropy()
-    if name not in CODER_IDS:
-        raise ValueError(f"unknown entropy coder {name!r}; choose from {sorted(CODER_IDS)} or 'auto'")
+    EntropyCoderId.of(name)  # ValueError for an unknown name
     if device.type == "cuda":
         try:
             from kvtc_sglang.codec.nvcomp_coder import NvcompCoder, nvcomp_available

@@ -13,6 +13,10 @@ class CalibrationMismatchError(KVTCError):
     """A calibration artifact does not fit the model, shapes or plan it is used with."""
 
 
+class CalibrationCardError(CalibrationMismatchError, ValueError):
+    """A calibration card is missing, unreadable or not a KVTC card."""
+
+
 class ShapeError(KVTCError, ValueError):
     """A tensor handed to the codec has the wrong shape, dtype or device."""
 

@@ -50,7 +50,7 @@ class NvcompCoder:
     """Batched nvCOMP coder for one algorithm ("deflate", "gdeflate" or "ans").
 
     Args:
-        name: coder name (entropy.CODER_IDS key).
+        name: coder name (``entropy.EntropyCoderId.coder_name``).
         device: CUDA device (default: the current one).
         algorithm_type: nvCOMP's speed/ratio level for Deflate/GDeflate (0..5, None = nvCOMP's default).
         check_sizes: after decompressing, read the inflated sizes back and raise BlobFormatError on a

@@ -6,8 +6,9 @@ indices. fp8 pools store uint8 bytes: pass `kv_dtype` (the logical fp8 dtype) so
 converted with a plain cast (SGLang's default per-tensor scale of 1.0); exact rows are copied as
 bytes in every case.
 
-`PoolCodec` is the reference implementation (gather -> KVTCCodec -> scatter). The fused Triton path
-(kvtc_sglang/codec/triton/) implements the same two methods with the same arguments.
+`ReferencePoolCodec` is the reference implementation of the `codec.interfaces.PoolCodec` protocol
+(gather -> KVTCCodec -> scatter); `TritonPoolCodec` (kvtc_sglang/codec/triton/) is the fused one,
+`codec.dispatch.make_pool_codec` picks between them.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ def scatter_rows(buffers: list[torch.Tensor], slots: torch.Tensor, rows: torch.T
         b[slots] = rows[:, layer]
 
 
-class PoolCodec:
-    """Reference pool codec around a KVTCCodec (all layers of this rank's heads)."""
+class ReferencePoolCodec:
+    """Reference pool codec around a KVTCCodec (all layers of this rank's heads); a ``PoolCodec``."""
 
     def __init__(self, codec: KVTCCodec, kv_dtype: torch.dtype | None = None):
         self.codec = codec
         self.kv_dtype = kv_dtype
+        self.shape = codec.shape
 
     def _check(self, k_buffers, v_buffers, slots):
         L, H, D = self.codec.shape
@@ -89,16 +91,3 @@ class PoolCodec:
             k, v = k.view(torch.uint8), v.view(torch.uint8)
         scatter_rows(k_buffers, slots, k)
         scatter_rows(v_buffers, slots, v)
-
-
-def make_pool_codec(codec: KVTCCodec, kv_dtype: torch.dtype | None = None):
-    """The pool codec for the codec's device: the fused Triton kernels on CUDA (unless KVTC_REFERENCE=1
-    routes everything to the PyTorch references), the reference everywhere else."""
-    if codec.device.type == "cuda":
-        from kvtc_sglang.codec.triton.common import use_reference
-
-        if not use_reference(None):
-            from kvtc_sglang.codec.triton.pool_codec import TritonPoolCodec
-
-            return TritonPoolCodec(codec, kv_dtype=kv_dtype)
-    return PoolCodec(codec, kv_dtype=kv_dtype)

@@ -29,11 +29,11 @@ from typing import Any, Mapping
 
 import torch
 
+from kvtc_sglang.codec.defaults import DEFAULT_ROPE_THETA
 from kvtc_sglang.codec.errors import ShapeError
 
 STYLES = ("neox", "gptj")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-DEFAULT_THETA = 10000.0
 
 _SEQ_DEPENDENT = {
     "dynamic": "dynamic NTK scaling recomputes the frequencies from the current sequence length",
@@ -206,7 +206,7 @@ class RopeConfig:
         if isinstance(legacy, Mapping):
             params = {**dict(legacy), **params}
         theta = params.get("rope_theta", d.get("rope_theta"))
-        theta = DEFAULT_THETA if theta is None else theta
+        theta = DEFAULT_ROPE_THETA if theta is None else theta
         partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor")) or 1.0
         return cls(
             head_dim=head_dim,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from kvtc_sglang.codec.artifact import CalibrationArtifact
 from kvtc_sglang.codec.codec import KVTCCodec
+from kvtc_sglang.codec.defaults import DEFAULT_EXACT
 from kvtc_sglang.eval.baselines import BASELINES, Baseline
 from kvtc_sglang.models.kv_capture import cache_from_kv, capture_kv, forward_with_cache
 
@@ -34,8 +35,8 @@ class EvalSettings:
     windows: int = 32
     prefix: int = 768
     score: int = 256
-    sinks: int = 4
-    window: int = 128
+    sinks: int = DEFAULT_EXACT.sink_tokens
+    window: int = DEFAULT_EXACT.window_tokens
     entropy: str = "deflate"
     ratios: Sequence[int] | None = None  # default: every plan in the artifact
     baselines: Sequence[Baseline] = BASELINES

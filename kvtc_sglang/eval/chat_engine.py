@@ -21,24 +21,25 @@ pool dtype in the ``DynamicCache`` too, so a token's KV reads the same whether i
 ``run_lockstep`` drives a reference engine and an engine under test through the same interleaved multi-turn
 conversations (the prompts are identical for both: earlier turns carry the recorded answer when the dataset has one,
 else the reference engine's answer), the engine under test teacher-forced on the reference's answer, and records the
-reference's answer and the tested engine's greedy choices; ``agreement`` scores them.
+reference's answer and the tested engine's greedy choices; ``eval.agreement.agreement`` scores them.
 
 Glossary: L layers, H KV heads, D head_dim; a slot is one row of the pool's per-layer [size + 1, H, D] buffers.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import types
 from array import array
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from kvtc_sglang import sglang_compat as compat
+from kvtc_sglang.eval.agreement import first_divergence
+from kvtc_sglang.eval.conversations import Conversation, interleaved
+from kvtc_sglang.models.geometry import model_geometry
 from kvtc_sglang.models.kv_capture import cache_from_kv, forward_with_cache
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -47,11 +48,8 @@ from kvtc_sglang.models.kv_capture import cache_from_kv, forward_with_cache
 
 
 def kv_shape(config: Any) -> tuple[int, int, int]:
-    """(L, H, D) of a transformers config."""
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return int(text.num_hidden_layers), int(heads), int(head_dim)
+    """(L, H, D) of a transformers config (``models.geometry``)."""
+    return model_geometry(config).kv_shape
 
 
 def make_kv_pool(config: Any, tokens: int, dtype: torch.dtype = torch.bfloat16):
@@ -74,28 +72,6 @@ def cache_init_params(allocator: Any, max_context: int, requests: int = 4) -> An
 def make_radix_cache(allocator: Any, max_context: int) -> Any:
     """sglang's plain ``RadixCache`` over ``allocator``."""
     return compat.RadixCache(cache_init_params(allocator, max_context))
-
-
-def make_kvtc_cache(allocator: Any, artifact: Any, options: Any, max_context: int, *,
-                    host_budget_bytes: int = 0) -> Any:
-    """A ``KVTCRadixCache`` over ``allocator`` with the reference pool codec on the CPU.
-
-    The store budget is ``options.store_budget`` (bytes, or a fraction of the pool's bytes), on top of the pool.
-    Raises CalibrationMismatchError when the artifact does not fit the pool.
-    """
-    from kvtc_sglang.cache.options import parse_bytes
-    from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-    from kvtc_sglang.codec.artifact import check_artifact_matches
-    from kvtc_sglang.codec.codec import KVTCCodec
-    from kvtc_sglang.codec.pool_codec import PoolCodec
-
-    pool = compat.kv_pool_of(allocator)
-    check_artifact_matches(artifact, num_layers=len(pool.k_buffer), num_kv_heads=int(pool.head_num),
-                           head_dim=int(pool.head_dim), tp_size=1, tp_rank=0)
-    codec = KVTCCodec(artifact, int(options.ratio), device="cpu", entropy=options.entropy)
-    store_bytes = parse_bytes(options.store_budget, int(sum(pool.get_kv_size_bytes())), what="--kvtc-store-budget")
-    return KVTCRadixCache(cache_init_params(allocator, max_context), PoolCodec(codec), options, store_bytes,
-                          host_budget_bytes=host_budget_bytes, stats_interval_s=float("inf"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -296,71 +272,8 @@ class MiniEngine:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Workload
+# Lockstep runs
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Conversation:
-    """One user's chat: the user turns in order, and the recorded assistant answer after each (None = none)."""
-
-    name: str
-    user_turns: list[str]
-    recorded_answers: list[str | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.recorded_answers:
-            self.recorded_answers = [None] * len(self.user_turns)
-        if len(self.recorded_answers) != len(self.user_turns):
-            raise ValueError(f"{self.name}: {len(self.user_turns)} user turns, {len(self.recorded_answers)} answers")
-
-
-def load_mt_bench(path: str | Path, count: int, turns: int = 2) -> list[Conversation]:
-    """The first ``count`` MT-bench questions (FastChat question.jsonl) as conversations without recorded answers."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if len(out) == count:
-            break
-        if line.strip():
-            q = json.loads(line)
-            out.append(Conversation(f"mt_bench-{q['question_id']}", list(q["turns"][:turns])))
-    return out
-
-
-def load_sharegpt(path: str | Path, count: int, turns: int = 3) -> list[Conversation]:
-    """The first ``count`` ShareGPT conversations (``[{"conversations": [{"from", "value"}...]}]``), human turns
-    paired with the recorded gpt answer that follows each, at most ``turns`` turns each."""
-    out = []
-    for item in json.loads(Path(path).read_text(encoding="utf-8"))[:count]:
-        users, answers = [], []
-        for msg in item["conversations"]:
-            if msg["from"] == "human" and len(users) < turns:
-                users.append(msg["value"])
-                answers.append(None)
-            elif msg["from"] == "gpt" and users and answers[-1] is None and len(answers) == len(users):
-                answers[-1] = msg["value"]
-        out.append(Conversation(f"sharegpt-{item.get('id', len(out))}", users, answers))
-    return out
-
-
-def interleaved(conversations: Sequence[Conversation]) -> list[tuple[int, int]]:
-    """(conversation index, turn index) in round-robin order: every user's turn 0, then every user's turn 1, ..."""
-    rounds = max((len(c.user_turns) for c in conversations), default=0)
-    return [(u, t) for t in range(rounds) for u, c in enumerate(conversations) if t < len(c.user_turns)]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Lockstep runs and agreement
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def first_divergence(reference: Sequence[int], other: Sequence[int]) -> int | None:
-    """Index of the first generated token that differs (a length difference counts at the shorter end); None when
-    the two answers are identical."""
-    for i, (a, b) in enumerate(zip(reference, other)):
-        if a != b:
-            return i
-    return None if len(reference) == len(other) else min(len(reference), len(other))
 
 
 def run_lockstep(reference: MiniEngine, tested: MiniEngine, conversations: Sequence[Conversation],
@@ -372,8 +285,9 @@ def run_lockstep(reference: MiniEngine, tested: MiniEngine, conversations: Seque
     the reference's answer (``MiniEngine.chat(forced_ids=...)``): its greedy choices equal its free-running answer
     up to the first divergence and score next-token agreement after it, and both trees cache the same sequences.
 
-    Returns one record per request: user, turn, the reference answer and the tested engine's greedy choices (token
-    ids), the first divergence and both engines' ChatStats (as dicts); ``after_each(record)`` runs after each request.
+    Returns one record per request: user, turn (0-based), the reference answer and the tested engine's greedy choices
+    (token ids), their first divergence (``eval.agreement.first_divergence``) and both engines' ChatStats (as dicts);
+    ``after_each(record)`` runs after each request.
     """
     history: list[list[dict[str, str]]] = [[] for _ in conversations]
     records = []
@@ -394,37 +308,3 @@ def run_lockstep(reference: MiniEngine, tested: MiniEngine, conversations: Seque
         if after_each is not None:
             after_each(record)
     return records
-
-
-def _agreement_of(records: Sequence[dict]) -> dict[str, Any]:
-    ref_total = agree_prefix = same_pos = exact = 0
-    for r in records:
-        ref, got, d = r["reference_ids"], r["tested_ids"], r["first_divergence"]
-        ref_total += len(ref)
-        agree_prefix += len(ref) if d is None else min(d, len(ref))
-        same_pos += sum(a == b for a, b in zip(ref, got))
-        exact += d is None
-    n = len(records)
-    return {"requests": n, "reference_tokens": ref_total,
-            "prefix_agreement": agree_prefix / ref_total if ref_total else 1.0,
-            "next_token_agreement": same_pos / ref_total if ref_total else 1.0,
-            "exact_match_rate": exact / n if n else 1.0}
-
-
-def agreement(records: Sequence[dict]) -> dict[str, Any]:
-    """Greedy agreement of the tested engine with the reference answers (records of ``run_lockstep``).
-
-    prefix_agreement: reference tokens reproduced before the first divergence / all reference tokens.
-    next_token_agreement: positions where the tested engine's greedy choice is the reference token / reference
-        tokens (teacher-forced top-1 agreement; equals position-wise agreement of free-running answers only up to
-        the first divergence).
-    exact_match_rate: requests answered identically / requests.
-    Each also over ``per_turn`` (1-based) and ``with_load_back`` (requests whose prefix was partly restored from
-    the compressed tier); ``first_divergences`` lists the first-divergence index of every request that diverged.
-    """
-    out = _agreement_of(records)
-    turns = sorted({r["turn"] for r in records})
-    out["per_turn"] = {str(t + 1): _agreement_of([r for r in records if r["turn"] == t]) for t in turns}
-    out["with_load_back"] = _agreement_of([r for r in records if r["tested"]["loaded_back_tokens"] > 0])
-    out["first_divergences"] = [r["first_divergence"] for r in records if r["first_divergence"] is not None]
-    return out

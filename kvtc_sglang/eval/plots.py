@@ -4,23 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt
-    except ImportError:
-        print("matplotlib not installed: plot skipped (pip install matplotlib)")
-        return None
+from kvtc_sglang.eval.provenance import pyplot_or_none
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> bool:
     """Realized compression ratio (log x) vs perplexity increase, one series per method."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

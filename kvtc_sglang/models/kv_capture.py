@@ -17,6 +17,7 @@ import torch
 
 from kvtc_sglang.codec.errors import ShapeError
 from kvtc_sglang.codec.rope import RopeConfig, hf_config_dict
+from kvtc_sglang.models.geometry import geometry_from_dict, model_geometry
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,13 @@ class ModelKVSpec:
         """Build from a transformers config object or a config.json dict."""
         d = hf_config_dict(config)
         rope = RopeConfig.from_hf_config(d)
+        geometry = geometry_from_dict(d)
         facts = {
             "model_type": d.get("model_type"),
-            "num_layers": int(d["num_hidden_layers"]),
+            "num_layers": geometry.num_layers,
             "num_attention_heads": int(d["num_attention_heads"]),
-            "num_kv_heads": int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            "head_dim": rope.head_dim,
+            "num_kv_heads": geometry.num_kv_heads,
+            "head_dim": geometry.head_dim,
             "hidden_size": int(d["hidden_size"]),
             "vocab_size": int(d["vocab_size"]),
             "rope": rope.to_dict(),
@@ -152,8 +154,7 @@ def capture_kv(model: Any, input_ids: torch.Tensor, *, capture_pre_rope: bool = 
     """
     ids = _as_ids(input_ids).to(model.device)
     n = ids.shape[1]
-    cfg = model.config.get_text_config(decoder=True)
-    num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    num_kv = model_geometry(model.config).num_kv_heads
     pre: dict[int, torch.Tensor] = {}
     hooks = []
     if capture_pre_rope:
@@ -196,9 +197,7 @@ def cache_from_kv(k: torch.Tensor, v: torch.Tensor, config: Any, *, dtype: torch
     """
     from transformers import DynamicCache
 
-    text = config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    want = (text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim)
+    want = model_geometry(config).kv_shape
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 4 or tuple(t.shape[1:]) != want:
             raise ShapeError(f"{name} must be a float [n, L, H, D] = [n, {want[0]}, {want[1]}, {want[2]}] tensor, "

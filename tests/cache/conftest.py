@@ -163,7 +163,7 @@ class Harness:
         from kvtc_sglang.cache.options import KVTCOptions
         from kvtc_sglang.cache.radix_cache import KVTCRadixCache
         from kvtc_sglang.codec.codec import KVTCCodec
-        from kvtc_sglang.codec.pool_codec import PoolCodec
+        from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
 
         self.compat = compat
         self.allocator_kind = allocator
@@ -180,7 +180,7 @@ class Harness:
                                         token_to_kv_pool_allocator=self.allocator, page_size=page_size,
                                         eviction_policy=eviction_policy)
         self.codec = KVTCCodec(artifact, RATIO, device="cpu", entropy="deflate")
-        self.cache = KVTCRadixCache(params, PoolCodec(self.codec), self.options, store_bytes,
+        self.cache = KVTCRadixCache(params, ReferencePoolCodec(self.codec), self.options, store_bytes,
                                     host_budget_bytes=host_bytes, page_bytes=page_bytes,
                                     stats_interval_s=stats_interval_s)
         self.kv = kv if kv is not None else KVData(artifact)

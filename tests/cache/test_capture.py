@@ -3,7 +3,6 @@ calibrating from those records (`kvtc-sglang calibrate --kv-dumps`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from array import array
 
@@ -63,7 +62,8 @@ def test_finished_requests_are_recorded_until_the_budget(tmp_path):
 def test_calibrate_from_captured_kv(tmp_path):
     """A capture directory plus a config.json calibrates without the model's weights."""
     from kvtc_sglang.codec.artifact import load_artifact
-    from kvtc_sglang.codec.calibrate_cli import add_arguments, run_from_dumps
+    from kvtc_sglang.codec.calibrate import CalibrationSettings
+    from kvtc_sglang.models.calibration import calibrate_from_dumps
 
     cache, pool, allocator, rtp = _capture_cache(tmp_path / "dumps", capture_tokens=600)
     for seed in range(5):
@@ -74,11 +74,8 @@ def test_calibrate_from_captured_kv(tmp_path):
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": L, "hidden_size": H * D * 2,
         "num_attention_heads": H * 2, "num_key_value_heads": H, "head_dim": D, "vocab_size": 1000,
         "rope_theta": 10000.0, "max_position_embeddings": 4096}))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--kv-dumps", str(tmp_path / "dumps"), "--model", str(model), "--out", str(tmp_path / "art"),
-                              "--ratios", "4", "8", "--dp-samples", "256", "--device", "cpu", "--quiet"])
-    cards = run_from_dumps(args)
+    settings = CalibrationSettings(ratios=(4, 8), dp_samples=256, device="cpu", progress=False)
+    cards = calibrate_from_dumps(tmp_path / "dumps", model, tmp_path / "art", settings)
     art = load_artifact(cards[0])
     assert (art.num_layers, art.num_kv_heads, art.head_dim) == (L, H, D)
     assert sorted(art.plans) == [4, 8]

@@ -19,9 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.sglang
 
-compat = pytest.importorskip("kvtc_sglang.sglang_compat")
-if compat.installed_sglang_version() != compat.SUPPORTED_SGLANG_VERSION:
-    pytest.skip(f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}", allow_module_level=True)
+from kvtc_sglang import sglang_compat as compat  # noqa: E402  (imports sglang lazily)
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

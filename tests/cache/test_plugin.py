@@ -21,9 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.sglang
 
-compat = pytest.importorskip("kvtc_sglang.sglang_compat")
-if compat.installed_sglang_version() != compat.SUPPORTED_SGLANG_VERSION:
-    pytest.skip(f"needs sglang=={compat.SUPPORTED_SGLANG_VERSION}", allow_module_level=True)
+from kvtc_sglang import sglang_compat as compat  # noqa: E402  (imports sglang lazily)
 
 import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -32,17 +30,16 @@ from hypothesis import strategies as st  # noqa: E402
 from kvtc_sglang.cache import plugin  # noqa: E402
 from kvtc_sglang.cache.options import KVTCOptions, is_fraction, parse_bytes  # noqa: E402
 from kvtc_sglang.cache.startup_checks import (  # noqa: E402
-    CalibrationCardError,
     CalibrationModelMismatch,
     KVTCStartupError,
     check_build_context,
     check_server_args,
-    load_card,
-    model_geometry,
     require_calibration,
     validate_calibration_for_model,
 )
-from kvtc_sglang.codec.artifact import rank_artifact_path  # noqa: E402
+from kvtc_sglang.codec.artifact import rank_artifact_path, read_card_summary  # noqa: E402
+from kvtc_sglang.codec.errors import CalibrationCardError  # noqa: E402
+from kvtc_sglang.models.geometry import model_geometry  # noqa: E402
 
 FLAGS = ["--kv-compress", "--kvtc-calibration", "--kvtc-ratio", "--kvtc-store-budget", "--kvtc-host-spill",
          "--kvtc-sink-tokens", "--kvtc-window-tokens", "--kvtc-entropy", "--kvtc-min-compress-tokens"]
@@ -338,7 +335,7 @@ def test_each_tensor_parallel_rank_reads_its_own_folder(tmp_path, registered):
 def test_malformed_cards_are_rejected_with_the_fix(tmp_path, card_text, what):
     (tmp_path / "card.json").write_text(card_text)
     with pytest.raises(CalibrationCardError, match=what) as info:
-        load_card(tmp_path)
+        read_card_summary(tmp_path)
     assert "kvtc-sglang calibrate" in str(info.value)
 
 
@@ -571,27 +568,24 @@ def kvtc_server_args(registered, model_dir, card_dir):
 def test_factory_is_reached_through_sglangs_routing(kvtc_server_args, monkeypatch):
     from sglang.srt.mem_cache.registry import create_tree_cache
 
+    from kvtc_sglang.cache import factory
+
     built = []
 
-    class FakeKVTCRadixCache:
-        @classmethod
-        def from_build_context(cls, ctx, options):
-            built.append((ctx, options))
-            return cls()
+    def fake_cache_for_rank(ctx, options, store_bytes):
+        built.append((ctx, options, store_bytes))
+        return "the cache"
 
-    module = types.ModuleType("kvtc_sglang.cache.radix_cache")
-    module.KVTCRadixCache = FakeKVTCRadixCache
-    monkeypatch.setitem(sys.modules, "kvtc_sglang.cache.radix_cache", module)
+    monkeypatch.setattr(factory, "kvtc_cache_for_rank", fake_cache_for_rank)
     ctx = build_context(kvtc_server_args)
-    cache = create_tree_cache(ctx)
-    assert isinstance(cache, FakeKVTCRadixCache)
-    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args))]
+    assert create_tree_cache(ctx) == "the cache"
     # No pool-sizing pass ran in this process: the budget is 0.25 of the pool as built.
     pool_bytes = 65 * 30 * 3 * 64 * 2 * 2
-    assert plugin.store_budget_bytes(ctx, built[0][1]) == pool_bytes // 4
+    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args), pool_bytes // 4)]
     plugin.record_reserved_store_bytes(0, 12345)
     try:
-        assert plugin.store_budget_bytes(ctx, built[0][1]) == 12345
+        create_tree_cache(ctx)
+        assert built[-1][2] == 12345  # the bytes the sizing hook carved out of this rank's pool
     finally:
         plugin._RESERVED_STORE_BYTES.clear()
 

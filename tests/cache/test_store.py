@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kvtc_sglang.cache.store import DEVICE, HOST, CompressedStore, HostTier, PageArena
+from kvtc_sglang.cache.store import CompressedStore, HostTier, PageArena, Tier
 
 PAGE = 64
 
@@ -36,7 +36,7 @@ def test_put_get_roundtrip_and_page_rounded_accounting(n):
     store = CompressedStore(16 * PAGE, page_bytes=PAGE)
     data = blob(n, n)
     h = store.put(data)
-    assert h is not None and h.tier == DEVICE and h.refcount == 1 and h.nbytes == n
+    assert h is not None and h.tier == Tier.DEVICE and h.refcount == 1 and h.nbytes == n
     assert torch.equal(store.get(h), data)
     assert store.get(h).is_contiguous() and store.get(h).shape == (n,)
     assert store.used_bytes == store.pages_for(n) * PAGE == h.reserved_bytes
@@ -107,10 +107,10 @@ def test_demote_and_promote_move_bytes_between_tiers():
     h = store.put(data)
     store.retain(h)  # two holders follow the same handle across tiers
     assert store.demote(h)
-    assert h.tier == HOST and store.used_bytes == 0 and store.host_used_bytes == 3 * PAGE
+    assert h.tier == Tier.HOST and store.used_bytes == 0 and store.host_used_bytes == 3 * PAGE
     assert store.get(h).device.type == "cpu" and torch.equal(store.get(h), data)
     assert store.promote(h)
-    assert h.tier == DEVICE and store.used_bytes == 3 * PAGE and store.host_used_bytes == 0
+    assert h.tier == Tier.DEVICE and store.used_bytes == 3 * PAGE and store.host_used_bytes == 0
     assert torch.equal(store.get(h), data)
     assert store.demote(h)
     store.release(h)
@@ -124,12 +124,12 @@ def test_moves_refuse_without_room_and_change_nothing():
     store = CompressedStore(4 * PAGE, page_bytes=PAGE, host=host)
     big = store.put(blob(3 * PAGE, 1))
     assert not store.demote(big)
-    assert big.tier == DEVICE and store.used_bytes == 3 * PAGE and store.host_used_bytes == 0
+    assert big.tier == Tier.DEVICE and store.used_bytes == 3 * PAGE and store.host_used_bytes == 0
     small = store.put(blob(PAGE, 2))
     assert store.demote(small)
     filler = store.put(blob(PAGE, 3))
     assert not store.promote(small)  # the device arena is full again
-    assert small.tier == HOST and torch.equal(store.get(small), blob(PAGE, 2))
+    assert small.tier == Tier.HOST and torch.equal(store.get(small), blob(PAGE, 2))
     store.release(filler)
     assert store.promote(small)
 
@@ -187,13 +187,13 @@ def test_random_workload_accounts_every_byte_and_leaks_nothing():
         elif op < 0.88:
             h = live[rng.choice(list(live))][0]
             before = h.tier
-            moved = store.demote(h) if before == DEVICE else store.promote(h)
-            assert h.tier == (before if not moved else (HOST if before == DEVICE else DEVICE))
+            moved = store.demote(h) if before == Tier.DEVICE else store.promote(h)
+            assert h.tier == (before if not moved else (Tier.HOST if before == Tier.DEVICE else Tier.DEVICE))
         else:
             h, data, _ = live[rng.choice(list(live))]
             assert torch.equal(store.get(h), data)
-        assert store.used_bytes == reserved(store, DEVICE)
-        assert store.host_used_bytes == reserved(store, HOST)
+        assert store.used_bytes == reserved(store, Tier.DEVICE)
+        assert store.host_used_bytes == reserved(store, Tier.HOST)
         assert store.used_bytes + store.free_pages * PAGE == store.capacity_bytes
         assert {h.id for h in store.handles()} == set(live)
         assert all(h.refcount == refs for h, _, refs in live.values())

@@ -65,14 +65,6 @@ NEGATIVE_RUNS = [
 ]
 
 
-def _sglang_ok() -> bool:
-    try:
-        from kvtc_sglang import sglang_compat as compat
-    except ImportError:
-        return False
-    return compat.installed_sglang_version() == compat.SUPPORTED_SGLANG_VERSION
-
-
 # --- per-rank setup --------------------------------------------------------------------------------------------------
 
 def rank_artifact(rank: int):
@@ -105,7 +97,7 @@ def tp_harness(rank: int, group, allocator: str, page_size: int, policy: str, st
     """A conftest Harness whose cache is a KVTCRadixCache given ``group`` as sglang's ``tp_cache_group``."""
     from kvtc_sglang import sglang_compat as compat
     from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-    from kvtc_sglang.codec.pool_codec import PoolCodec
+    from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
     from tests.cache.conftest import Harness
 
     data_rank = rank if per_rank else 0
@@ -118,7 +110,7 @@ def tp_harness(rank: int, group, allocator: str, page_size: int, policy: str, st
     params = compat.CacheInitParams(disable=False, req_to_token_pool=h.req_to_token_pool,
                                     token_to_kv_pool_allocator=h.allocator, page_size=page_size,
                                     eviction_policy=policy, tp_cache_group=group)
-    h.cache = KVTCRadixCache(params, PoolCodec(h.codec), h.options, store_bytes, host_budget_bytes=host_bytes,
+    h.cache = KVTCRadixCache(params, ReferencePoolCodec(h.codec), h.options, store_bytes, host_budget_bytes=host_bytes,
                              page_bytes=PAGE_BYTES)
     return h
 
@@ -466,9 +458,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    """Run both ranks once (every drive) and return [rank 0 results, rank 1 results] and the wall time."""
-    if not _sglang_ok():
-        pytest.skip("needs sglang==0.5.17")
+    """Run both ranks once (every drive) and return [rank 0 results, rank 1 results] and the wall time (used by
+    sglang-marked tests only: the conftest hook skips them without sglang)."""
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("tp")
@@ -564,7 +555,8 @@ def test_without_agreement_the_ranks_diverge(tp_results):
 def test_tp_calibration_cards(tmp_path):
     """``calibrate --tp-size 2``: one artifact per rank (tp2-rank{r}), each fitted to its half of the KV heads; the
     startup checks refuse rank 0's card on rank 1 and a tp1 card under tp 2, naming the field and the command."""
-    from kvtc_sglang.cache.startup_checks import CalibrationModelMismatch, ModelGeometry, validate_calibration_for_model
+    from kvtc_sglang.cache.startup_checks import CalibrationModelMismatch, validate_calibration_for_model
+    from kvtc_sglang.models.geometry import ModelGeometry
     from kvtc_sglang.codec.artifact import check_artifact_matches, load_artifact
     from kvtc_sglang.codec.calibrate import CalibrationSettings, calibrate
     from kvtc_sglang.codec.errors import CalibrationMismatchError

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvtc_sglang.codec.artifact import CARD_FORMAT_VERSION, check_artifact_matches, load_artifact
-from kvtc_sglang.codec.codec import KVTCCodec, exact_token_counts
+from kvtc_sglang.codec.codec import KVTCCodec
 from kvtc_sglang.codec.dp import budget_bits_for_ratio
 from kvtc_sglang.codec.rope import RopeConfig, undo_rope
 
@@ -59,7 +59,7 @@ def heldout_kv(smollm2):
 def calibration_window_kv(smollm2, card):
     """Real KV of the first calibration window (the same 512 tokens of the default corpus the fixture used)."""
     from kvtc_sglang.codec.calibrate import windows_from_ids
-    from kvtc_sglang.codec.calibrate_cli import default_corpus_paths, tokenize_corpus
+    from kvtc_sglang.models.calibration import default_corpus_paths, tokenize_corpus
     from kvtc_sglang.models.kv_capture import capture_kv
 
     model, tokenizer = smollm2
@@ -74,7 +74,7 @@ def calibration_window_kv(smollm2, card):
 def round_trips(artifact, heldout_kv):
     """{ratio: (blob, decoded)} of the held-out run, stored the way the tiered cache stores the end of a sequence."""
     k, v = heldout_kv
-    nh, nt = exact_token_counts(0, N_TOKENS, artifact.sink_tokens, artifact.window_tokens, at_sequence_end=True)
+    nh, nt = artifact.exact_policy.counts(0, N_TOKENS, at_sequence_end=True)
     out = {}
     for ratio in RATIOS:
         codec = KVTCCodec(artifact, ratio, entropy="deflate")

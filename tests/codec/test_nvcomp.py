@@ -17,9 +17,9 @@ import torch
 from kvtc_sglang.codec import nvcomp_coder
 from kvtc_sglang.codec.blob import chunk_table
 from kvtc_sglang.codec.codec import KVTCCodec
-from kvtc_sglang.codec.entropy import CODER_IDS, ZlibDeflate, split_chunks
+from kvtc_sglang.codec.entropy import EntropyCoderId, ZlibDeflate, split_chunks
 from kvtc_sglang.codec.nvcomp_coder import NvcompCoder, nvcomp_available
-from kvtc_sglang.codec.triton.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
+from kvtc_sglang.testing.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
 
 needs_nvcomp = pytest.mark.skipif(not nvcomp_available(), reason="needs CUDA and nvCOMP")
 
@@ -116,7 +116,7 @@ def test_blob_made_with_nvcomp_decodes_on_cpu_with_zlib_and_back():
     assert gpu.coder.name == "deflate" and isinstance(gpu.coder, NvcompCoder)
     blob_g = gpu.encode(k, v, 7, 4, 64)
     h = gpu.read_header(blob_g)
-    assert h.coder == CODER_IDS["deflate"]
+    assert h.coder == EntropyCoderId.of("deflate")
     assert any(not raw for _, _, raw in chunk_table(blob_g, h))  # the entropy stage compressed something
     blob_c = cpu.encode(k.cpu(), v.cpu(), 7, 4, 64)
     pay_g = gpu.payload(blob_g, h)

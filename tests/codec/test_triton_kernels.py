@@ -1,4 +1,4 @@
-"""Triton codec kernels vs their PyTorch references, and TritonPoolCodec vs the reference PoolCodec.
+"""Triton codec kernels vs their PyTorch references, and TritonPoolCodec vs ReferencePoolCodec.
 
 Without CUDA the kernels run in Triton's CPU interpreter at small shapes: TRITON_INTERPRET=1 is set
 before Triton is imported, or, when an earlier test module already imported Triton, the CPU cases run
@@ -54,12 +54,12 @@ from kvtc_sglang.codec.bitpack import unpack_symbols  # noqa: E402
 from kvtc_sglang.codec.calibrate import layer_partition  # noqa: E402
 from kvtc_sglang.codec.codec import KVTCCodec  # noqa: E402
 from kvtc_sglang.codec.errors import BlobFormatError, ShapeError  # noqa: E402
-from kvtc_sglang.codec.pool_codec import PoolCodec  # noqa: E402
+from kvtc_sglang.codec.pool_codec import ReferencePoolCodec  # noqa: E402
 from kvtc_sglang.codec.rope import RopeConfig  # noqa: E402
 from kvtc_sglang.codec.triton import reference as ref  # noqa: E402
 from kvtc_sglang.codec.triton.common import pool_view  # noqa: E402
 from kvtc_sglang.codec.triton.pool_codec import TritonPoolCodec  # noqa: E402
-from kvtc_sglang.codec.triton.synthetic import dp_like_plan, random_plan, synthetic_artifact, synthetic_kv  # noqa: E402
+from kvtc_sglang.testing.synthetic import dp_like_plan, random_plan, synthetic_artifact, synthetic_kv  # noqa: E402
 from kvtc_sglang.codec.triton.tables import rope_tables  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -181,7 +181,7 @@ def _assert_rows_close(tri, want, dtype):
 
 def _codecs(art, device, kv_dtype=None, entropy="deflate"):
     codec = KVTCCodec(art, 1, device, entropy=entropy)
-    return codec, PoolCodec(codec, kv_dtype), TritonPoolCodec(codec, kv_dtype, reference=False)
+    return codec, ReferencePoolCodec(codec, kv_dtype), TritonPoolCodec(codec, kv_dtype, reference=False)
 
 
 # ----------------------------------------------------------------------------------------------- row kernels
@@ -516,7 +516,7 @@ def test_reference_route_blob_is_the_reference_codec_blob(device):
     art, kb, vb, slots, start, k, v = _encode_setup(case, torch.bfloat16, device, seed=1)
     codec = KVTCCodec(art, 1, device, entropy="deflate")
     blob = TritonPoolCodec(codec, reference=True).encode_slots(kb, vb, slots, start, 4, 9)
-    assert torch.equal(blob, PoolCodec(codec).encode_slots(kb, vb, slots, start, 4, 9))
+    assert torch.equal(blob, ReferencePoolCodec(codec).encode_slots(kb, vb, slots, start, 4, 9))
 
 
 def test_env_switch_routes_kernels_to_references(device, monkeypatch):
@@ -582,3 +582,39 @@ def test_bad_inputs_raise_before_writing(device):
     fp8_pool = [torch.zeros_like(b, dtype=torch.uint8) for b in kb]
     with pytest.raises(ShapeError):  # uint8 rows without kv_dtype
         TritonPoolCodec(codec).encode_slots(fp8_pool, fp8_pool, slots, start, 0, 0)
+
+
+def test_golden_blob_decodes_with_the_kernels(device):
+    """The frozen golden blob (tests/data/golden/, see tests/codec/test_golden_blob.py) through the kernels: decoded
+    into pool rows it gives the golden rows (exact rows bit-identical), and the reference route re-encodes the golden
+    input into the golden bytes."""
+    import json
+    from pathlib import Path
+
+    from kvtc_sglang.codec.artifact import load_artifact
+
+    golden = Path(__file__).resolve().parents[1] / "data" / "golden"
+    m = json.loads((golden / "golden.json").read_text())
+    art = load_artifact(golden)
+    kv = torch.load(golden / "kv.pt", weights_only=True)
+    expected = torch.load(golden / "expected.pt", weights_only=True)
+    blob = torch.frombuffer(bytearray((golden / "blob.bin").read_bytes()), dtype=torch.uint8).to(device)
+    codec = KVTCCodec(art, m["ratio"], device, entropy=m["entropy"], chunk_bytes=m["chunk_bytes"])
+    n, L = m["n_tokens"], art.num_layers
+    n_slots = 2 * n + 8
+    slots = _slots(n, n_slots, device, seed=5)
+    kb = [torch.zeros(n_slots, art.num_kv_heads, art.head_dim, dtype=torch.bfloat16, device=device) for _ in range(L)]
+    vb = [torch.zeros_like(b) for b in kb]
+    TritonPoolCodec(codec, reference=False).decode_into(blob, kb, vb, slots, expected_tokens=n,
+                                                         expected_start=m["start_pos"])
+    exact = torch.cat([torch.arange(m["n_head"]), torch.arange(n - m["n_tail"], n)])
+    for layer in range(L):
+        for buf, want in ((kb[layer], expected["k"][:, layer]), (vb[layer], expected["v"][:, layer])):
+            got = buf[slots].cpu()
+            assert torch.equal(got[exact], want[exact])
+            _assert_rows_close(got, want, torch.bfloat16)
+    for layer in range(L):
+        kb[layer][slots] = kv["k"][:, layer].to(device)
+        vb[layer][slots] = kv["v"][:, layer].to(device)
+    again = TritonPoolCodec(codec, reference=True).encode_slots(kb, vb, slots, m["start_pos"], m["n_head"], m["n_tail"])
+    assert torch.equal(again.cpu(), blob.cpu())

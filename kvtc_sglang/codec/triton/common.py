@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.kinds import Kind
 
 REFERENCE_ENV = "KVTC_REFERENCE"
 
@@ -112,7 +113,7 @@ class PoolView:
         return value_code(self.store_dtype, self.kv_dtype)
 
     def buffers(self, kind: int) -> tuple:
-        return self.k if kind == 0 else self.v
+        return self.k if kind == Kind.K else self.v
 
 
 _VIEWS: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()

@@ -1,6 +1,6 @@
 """`TritonPoolCodec`: the pool-facing codec on the Triton kernels (plan once, run per token run).
 
-Same interface and blob bytes format as `kvtc_sglang.codec.pool_codec.PoolCodec`: a blob made by
+Same interface (`codec.interfaces.PoolCodec`) and blob bytes as `codec.pool_codec.ReferencePoolCodec`: a blob made by
 either decodes with the other. Plan (constructor): device tables for every feature block of K and V
 (`tables.KindTables`). Run: `encode_slots` gathers, transforms, quantizes and packs straight from the
 pool's per-layer buffers; `decode_into` (all layers) or `begin_decode` + `decode_layer_into` (one layer
@@ -21,8 +21,10 @@ import torch
 
 from kvtc_sglang.codec import blob as blobfmt
 from kvtc_sglang.codec.codec import KVTCCodec
-from kvtc_sglang.codec.entropy import DEFAULT_CHUNK_BYTES
+from kvtc_sglang.codec.entropy import DEFAULT_CHUNK_BYTES, EntropyCoderId
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.kinds import Kind
+from kvtc_sglang.codec.payload_layout import PayloadLayout, Rows
 from kvtc_sglang.codec.triton.common import (
     PoolView,
     check_tensor,
@@ -53,8 +55,8 @@ class DecodeJob:
     token_range: tuple[int, int]
     payload: torch.Tensor
     exact: torch.Tensor | None
-    head: tuple[int, int, int]  # (row0, n_rows, idx0)
-    tail: tuple[int, int, int]
+    head: Rows  # exact head rows (row0, n_rows, idx0)
+    tail: Rows  # exact tail rows
     coded_idx0: int
     n_coded: int
     coeffs: dict  # (kind, block index) -> [m_pad, width] dequantized coefficients
@@ -88,8 +90,8 @@ class TritonPoolCodec:
             raise ShapeError(f"RoPE head_dim {self.rope.head_dim} != pool head_dim {self.shape[2]}")
         art = codec.artifact
         self.kinds = [
-            KindTables.build(i, codec.kinds[k], [(b.layer_start, b.layer_end) for b in art.blocks[k]])
-            for i, k in enumerate(("k", "v"))
+            KindTables.build(kind, codec.kinds[kind.key], [(b.layer_start, b.layer_end) for b in art.blocks[kind.key]])
+            for kind in Kind
         ]
 
     @classmethod
@@ -127,18 +129,17 @@ class TritonPoolCodec:
         n = slots.numel()
         if n_head < 0 or n_tail < 0 or n_head + n_tail > n:
             raise ShapeError(f"exact counts {n_head}+{n_tail} do not fit a run of {n} tokens")
-        L, H, D = self.shape
-        n_ex, m = n_head + n_tail, n - n_head - n_tail
-        ex_bytes = n_ex * 2 * self.p * pool.base.element_size()
-        payload = torch.empty(ex_bytes + m * self.codec.coded_bytes_per_token(), dtype=torch.uint8, device=self.device)
+        m = n - n_head - n_tail
+        layout = self.codec.payload_layout(n_head, n_tail, m, pool.store_dtype)
+        payload = torch.empty(layout.raw_size, dtype=torch.uint8, device=self.device)
         ref = self.reference
-        if n_ex:
-            exact = payload[:ex_bytes].view(pool.store_dtype).view(n_ex, 2, L, H, D)
+        exact = layout.exact_rows(payload, self.shape)
+        if exact is not None:
             gather_exact(pool, slots, 0, n_head, exact, 0, reference=ref)
             gather_exact(pool, slots, n - n_tail, n_tail, exact, n_head, reference=ref)
         if m == 0:
             return payload
-        sections = self._sections(payload, ex_bytes, m)
+        sections = self._sections(payload, layout)
         positions = torch.arange(start_pos + n_head, start_pos + n_head + m, device=self.device)
         chunk = min(self.chunk_tokens, round_up(m, ROW_PAD))
         feats = torch.empty(chunk, self.p, dtype=torch.float32 if ref else torch.float16, device=self.device)
@@ -148,7 +149,7 @@ class TritonPoolCodec:
             mpad = round_up(mc, ROW_PAD)
             rope = rope_tables(self.rope, positions[c0 : c0 + mc], inverse=True)
             for kt in self.kinds:
-                gather_features(pool, kt.kind, slots, n_head + c0, mc, rope if kt.kind == 0 else None, kt.mean,
+                gather_features(pool, kt.kind, slots, n_head + c0, mc, rope if kt.kind == Kind.K else None, kt.mean,
                                 feats[:mpad], reference=ref)
                 for bt, sec in zip(kt.blocks, sections[kt.kind]):
                     buf = coeffs.get(bt.r_enc)
@@ -160,10 +161,11 @@ class TritonPoolCodec:
                     pack(buf, bt, params, sec, m, c0, mc, reference=ref)
         return payload
 
-    def _sections(self, payload: torch.Tensor, ex_bytes: int, m: int) -> list[list[torch.Tensor]]:
-        out, off = [], ex_bytes
+    def _sections(self, payload: torch.Tensor, layout: PayloadLayout) -> list[list[torch.Tensor]]:
+        """Each kind's section of ``payload``, split into its blocks' parts (block-major, as KindCoder writes it)."""
+        out, m = [], layout.n_coded
         for kt in self.kinds:
-            secs = []
+            secs, off = [], layout.section_offset(kt.kind)
             for bt in kt.blocks:
                 secs.append(payload[off : off + m * bt.bytes_per_token])
                 off += m * bt.bytes_per_token
@@ -174,7 +176,7 @@ class TritonPoolCodec:
                      n_tail: int) -> torch.Tensor:
         """Compress the KV rows at `slots` (token positions start_pos ..) into a blob (1-D uint8).
 
-        Same arguments and blob format as `PoolCodec.encode_slots`.
+        Same arguments and blob format as `ReferencePoolCodec.encode_slots`.
         """
         payload = self.encode_payload(k_buffers, v_buffers, slots, start_pos, n_head, n_tail)
         return self.frame(payload, k_buffers[0].dtype, slots.numel(), start_pos, n_head, n_tail)
@@ -211,31 +213,25 @@ class TritonPoolCodec:
         exact_dtype = blobfmt.EXACT_DTYPE_FROM_CODE[h.exact_dtype]
         if store_dtype is not None and exact_dtype == torch.uint8 and store_dtype != torch.uint8:
             raise ShapeError(f"exact rows are fp8 bytes; cannot write them into a {store_dtype} pool")
-        L, H, D = self.shape
-        n_ex, m = h.n_head + h.n_tail, h.n_coded
-        ex_bytes = n_ex * 2 * self.p * torch.empty(0, dtype=exact_dtype).element_size()
-        exact = payload[:ex_bytes].view(exact_dtype).view(n_ex, 2, L, H, D) if n_ex else None
-        head_hi = min(b, h.n_head)
-        head = (a, max(0, head_hi - a), 0)
-        tail_start = h.n_head + m
-        tail_lo = max(a, tail_start)
-        tail = (h.n_head + tail_lo - tail_start, max(0, b - tail_lo), tail_lo - a)
-        c_lo, c_hi = max(a, h.n_head), min(b, tail_start)
-        n_coded = max(0, c_hi - c_lo)
+        layout = self.codec.header_layout(h)
+        m = h.n_coded
+        exact = layout.exact_rows(payload, self.shape)
+        head, tail, coded = layout.token_rows(a, b)
+        n_coded, row0 = coded.n_rows, coded.row0
         coeffs, rope = {}, None
         if n_coded:
             mpad = round_up(n_coded, ROW_PAD)
-            row0 = c_lo - h.n_head
-            for kt, secs in zip(self.kinds, self._sections(payload, ex_bytes, m)):
+            for kt, secs in zip(self.kinds, self._sections(payload, layout)):
                 for bt, sec in zip(kt.blocks, secs):
                     width = bt.rank if self.reference else bt.r_dec
                     dtype = torch.float32 if self.reference else torch.float16
                     buf = torch.empty(mpad, width, dtype=dtype, device=self.device)
                     unpack_dequantize(sec, bt, m, row0, n_coded, buf, reference=self.reference)
                     coeffs[kt.kind, bt.index] = buf
-            positions = torch.arange(h.start_pos + c_lo, h.start_pos + c_hi, device=self.device)
+            first = h.start_pos + h.n_head + row0
+            positions = torch.arange(first, first + n_coded, device=self.device)
             rope = rope_tables(self.rope, positions, inverse=False)
-        return DecodeJob(h, slots, (a, b), payload, exact, head, tail, c_lo - a, n_coded, coeffs, rope)
+        return DecodeJob(h, slots, (a, b), payload, exact, head, tail, coded.idx0, n_coded, coeffs, rope)
 
     def _write(self, job: DecodeJob, pool: PoolView, layers: tuple[int, int]) -> None:
         ref = self.reference
@@ -249,7 +245,7 @@ class TritonPoolCodec:
             for bt in kt.blocks:
                 a, b = max(lo, bt.layer_start), min(hi, bt.layer_end)
                 if a < b:
-                    reconstruct(job.coeffs[kt.kind, bt.index], bt, job.rope if kt.kind == 0 else None, pool,
+                    reconstruct(job.coeffs[kt.kind, bt.index], bt, job.rope if kt.kind == Kind.K else None, pool,
                                 kt.kind, job.slots, job.coded_idx0, job.n_coded, (a, b), reference=ref)
 
     def decode_layer_into(self, job: DecodeJob, layer: int, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> None:
@@ -271,7 +267,7 @@ class TritonPoolCodec:
                     expected_start: int | None = None) -> None:
         """Decode the blob's tokens (or token_range of them) into pool rows `slots`, all layers.
 
-        Same arguments as `PoolCodec.decode_into`; raises BlobFormatError/ShapeError before writing anything.
+        Same arguments as `ReferencePoolCodec.decode_into`; raises BlobFormatError/ShapeError before writing anything.
         """
         pool = self._pool(k_buffers, v_buffers, slots)
         job = self.begin_decode(blob, slots, token_range=token_range, expected_tokens=expected_tokens,
@@ -289,8 +285,5 @@ class TritonPoolCodec:
                        n_tail: int) -> blobfmt.BlobHeader:
         """The header `frame` would write for a payload (for decode_payload_into without framing)."""
         c = self.codec
-        return blobfmt.BlobHeader(
-            fingerprint=c.fingerprint, ratio=c.ratio, exact_dtype=blobfmt.EXACT_DTYPES[store_dtype], coder=0,
-            n_tokens=n, start_pos=int(start_pos), n_head=n_head, n_tail=n_tail, chunk_bytes=c.chunk_bytes,
-            n_chunks=-(-payload.numel() // c.chunk_bytes), raw_size=payload.numel(), data_size=payload.numel(),
-        )
+        return c.header(store_dtype, EntropyCoderId.NONE, n, start_pos, n_head, n_tail, payload.numel(),
+                        -(-payload.numel() // c.chunk_bytes), data_size=payload.numel())

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.quantize import FP16_MAX
 from kvtc_sglang.codec.triton import reference as ref
 from kvtc_sglang.codec.triton.common import (
     PoolView,
@@ -28,6 +29,8 @@ from kvtc_sglang.codec.triton.common import (
 )
 from kvtc_sglang.codec.triton.jitlib import f32_to_store, layer_base, load_as_f32, pair_of_dim
 from kvtc_sglang.codec.triton.tables import RopeTables
+
+_FP16_MAX = tl.constexpr(FP16_MAX)  # fp16 features saturate here instead of overflowing to inf
 
 
 @triton.jit(do_not_specialize=["idx0", "row0", "n_layers"])
@@ -95,7 +98,7 @@ def _gather_features_kernel(base_ptr, off_ptr, layer0, slot_ptr, idx0, n_rows, n
     x = x - tl.load(mean_ptr + cols)[None, :]
     x = tl.where(m2, x, 0.0)
     if OUT == 1:
-        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+        x = tl.minimum(tl.maximum(x, -_FP16_MAX), _FP16_MAX)
     omask = (rows < n_out)[:, None] & (cols >= 0)[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :], f32_to_store(x, OUT, INTERP), mask=omask)
 

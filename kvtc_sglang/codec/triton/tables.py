@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtc_sglang.codec.payload import BlockCoder, KindCoder
+from kvtc_sglang.codec.quantize import FP16_MAX
 from kvtc_sglang.codec.rope import RopeConfig, rope_inv_freq
 from kvtc_sglang.codec.triton.common import round_up
 
@@ -78,7 +79,7 @@ class BlockTables:
         r_enc, r_dec = max(round_up(r, ENC_PAD), ENC_PAD), max(round_up(r, DEC_PAD), DEC_PAD)
         p = coder.p
         enc = torch.zeros(p, r_enc, dtype=torch.float16, device=dev)
-        enc[:, :r] = coder.enc.clamp(-65504.0, 65504.0).to(torch.float16)
+        enc[:, :r] = coder.enc.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
         w = torch.zeros(p, r_dec, dtype=torch.float16, device=dev)
         w[:, :r] = coder.dec.T.to(torch.float16)
         i32 = dict(dtype=torch.int32, device=dev)

