@@ -48,11 +48,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
+CHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def render_chat_corpus(tokenizer: Any, path: str | Path) -> str:
+    """A ShareGPT-format JSON file (a list of ``{"conversations": [{"from": "human" | "gpt", "value": str}, ...]}``)
+    as one text: every conversation rendered with the tokenizer's chat template, back to back.
+
+    Raises CalibrationInputError when the tokenizer has no chat template or the file is not in that format.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise CalibrationInputError(f"{Path(path).name} is a chat corpus, but the model's tokenizer has no chat template")
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+        convs = [[{"role": CHAT_ROLES[m["from"]], "content": m["value"]} for m in item["conversations"]] for item in items]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CalibrationInputError(f"{path} is not a ShareGPT-format conversation list ({exc!r})") from None
+    return "".join(tokenizer.apply_chat_template(c, tokenize=False) for c in convs if c)
+
+
 def tokenize_corpus(tokenizer: Any, paths: Sequence[str | Path]) -> list[torch.Tensor]:
-    """Token ids of each text file, shape [n_i], dtype int64 (no special tokens)."""
+    """Token ids of each corpus file, shape [n_i], dtype int64 (no special tokens added).
+
+    Plain-text files are tokenized as they are; ``.json`` files are chat corpora (see ``render_chat_corpus``),
+    rendered with the model's own chat template first, so its role markers are calibrated too.
+    """
     out = []
     for p in paths:
-        text = Path(p).read_text(encoding="utf-8", errors="replace")
+        if Path(p).suffix == ".json":
+            text = render_chat_corpus(tokenizer, p)
+        else:
+            text = Path(p).read_text(encoding="utf-8", errors="replace")
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         out.append(ids.to(torch.int64))
     return out
