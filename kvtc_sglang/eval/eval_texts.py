@@ -6,7 +6,7 @@ None of this text is calibration text (the calibration mix is in ``kvtc_sglang/d
     code   Python source of sglang 0.5.17, the files in ``CODE_FILES`` read from the installed package
            (Apache-2.0), concatenated in that order with a ``# file: PATH`` line before each; every token
            scored. Another sglang version is refused (the text would differ).
-    chat   conversations rendered with the model's own chat template: the 80 two-turn MT-Bench questions
+    chat   conversations rendered with the model's own chat template: the first 48 two-turn MT-Bench questions
            (Apache-2.0) with SmolLM2-135M-Instruct's greedy answers (``mt_bench_answers_smollm2.jsonl``,
            made by ``benchmarks/data/make_mt_bench_answers.py``), then the 5 real ShareGPT conversations of
            DialogStudio (Apache-2.0); only the tokens of assistant turns are scored.
