@@ -38,7 +38,7 @@ def _merge(path: Path, rows: list[dict], key) -> list[dict]:
 def _windows_markdown(rows: list[dict]) -> str:
     from kvtc_sglang.eval.rate_distortion import format_rows
 
-    out = ["# KV-cache compression accuracy\n",
+    out = ["# KV-cache compression accuracy\n\n",
            "Each table: its windows' prefix compressed (4 sinks + 128 most recent tokens exact), the next tokens scored "
            "(assistant tokens only on chat); Δppl with a paired bootstrap 95% interval over windows. Realized ratio = "
            "16-bit bytes of the compressed tokens over their stored bytes (PCA matrices excluded); effective = the whole "
@@ -58,7 +58,7 @@ def _windows_markdown(rows: list[dict]) -> str:
 def _chat_markdown(rows: list[dict]) -> str:
     from kvtc_sglang.eval.chat_history import format_history_rows
 
-    out = ["# Compressed chat history: accuracy vs the recent window W\n",
+    out = ["# Compressed chat history: accuracy vs the recent window W\n\n",
            "Each returning assistant turn: the history before the user's turn is compressed (4 sinks exact, the last W "
            "tokens exact), the user turn is appended exact, and the answer is teacher-forced and scored. Effective ratio = "
            "16-bit bytes of the history over its stored bytes. fp8 stores the history's compressible range in fp8.\n"]

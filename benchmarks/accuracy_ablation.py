@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _markdown(rows: list[dict]) -> str:
-    out = ["# Rate-distortion ablation\n",
+    out = ["# Rate-distortion ablation\n\n",
            "Each lever is a calibration variant (or a plan variant), scored on the same windows of each text: prefix "
            "compressed (4 sinks + 128 most recent exact), next tokens scored (assistant tokens on chat). Δppl with a "
            "paired bootstrap 95% interval over windows.\n"]
