@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weighting", choices=list(WEIGHTINGS), default="fisher",
                         help="weight features by their loss sensitivity (diagonal Fisher, estimated by back-propagating the "
                              "next-token loss to the KV cache) or not at all (default fisher)")
+    parser.add_argument("--layer-equalization", type=float, default=d.layer_equalization, metavar="ALPHA",
+                        help="scale each layer's features by (mean energy / layer energy)^(ALPHA/2) before PCA "
+                             f"(1: equal energy per layer; 0: off; default {d.layer_equalization})")
     parser.add_argument("--fisher-windows", type=int, default=8, help="windows back-propagated for the Fisher estimate (default 8)")
     parser.add_argument("--tp-size", type=int, default=1, help="write one artifact per tensor-parallel rank (KV heads split evenly) into OUT/tp{N}-rank{r}")
     parser.add_argument("--kv-dumps", default=None, metavar="DIR",
@@ -53,6 +56,7 @@ def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
     """The CalibrationSettings the flags describe (every other setting at its default)."""
     return CalibrationSettings(seq_len=args.seq_len, max_tokens=args.tokens, dp_samples=args.dp_samples,
                                ratios=tuple(args.ratios), layer_blocks=args.layer_blocks, seed=args.seed,
+                               layer_equalization=args.layer_equalization,
                                progress=not args.quiet, device=resolve_device(args.device))
 
 
