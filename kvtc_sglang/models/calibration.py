@@ -216,14 +216,18 @@ def ensure_artifact(artifact: str | Path | None, model: Any, tokenizer: Any, mod
     if artifact is not None:
         return load_artifact(artifact)
     out = default_artifact_dir(model_arg)
+    corpus = default_corpus_paths()
     try:
-        return load_artifact(out)
+        art = load_artifact(out)
+        if art.calibration.get("corpus") == [p.name for p in corpus]:
+            return art
+        print(f"the cached calibration at {out} was made from another corpus ({art.calibration.get('corpus')}): "
+              f"recalibrating on the default mix")
     except CalibrationMismatchError:
-        pass
-    print(f"no cached calibration at {out}: calibrating (one time, a few minutes on a CPU)")
+        print(f"no cached calibration at {out}: calibrating (one time, a few minutes on a CPU)")
     t0 = time.time()
     settings = CalibrationSettings(progress=not quiet, device=resolve_device("auto"))
-    calibrate_model(model, tokenizer, default_corpus_paths(), settings, out,
+    calibrate_model(model, tokenizer, corpus, settings, out,
                     model_name=str(model_arg or DEFAULT_MODEL_NAME))
     print(f"calibrated in {time.time() - t0:.0f} s -> {out}")
     return load_artifact(out)

@@ -8,9 +8,7 @@ import pytest
 
 from kvtc_sglang.models.calibration import CalibrationInputError, default_corpus_paths, render_chat_corpus, tokenize_corpus
 
-pytestmark = pytest.mark.model
-
-
+@pytest.mark.model
 def test_chat_corpus_is_rendered_with_the_template(smollm2, tmp_path):
     _, tok = smollm2
     f = tmp_path / "chat.json"
@@ -24,6 +22,7 @@ def test_chat_corpus_is_rendered_with_the_template(smollm2, tmp_path):
     assert int((ids == im_start).sum()) == text.count("<|im_start|>")  # role markers are single special tokens
 
 
+@pytest.mark.model
 def test_bad_chat_corpus_is_refused(smollm2, tmp_path):
     _, tok = smollm2
     f = tmp_path / "chat.json"
@@ -34,3 +33,29 @@ def test_bad_chat_corpus_is_refused(smollm2, tmp_path):
 
 def test_default_corpus_files_exist():
     assert all(p.is_file() for p in default_corpus_paths())
+
+
+def test_cached_default_artifact_from_another_corpus_is_recalibrated(tmp_path, monkeypatch):
+    from tests.codec.codec_setup import make_artifact
+
+    from kvtc_sglang.models import calibration
+
+    monkeypatch.setenv("KVTC_CACHE_DIR", str(tmp_path))
+    out = calibration.default_artifact_dir("model.gguf")
+    names = [p.name for p in default_corpus_paths()]
+    stale = make_artifact()
+    stale.calibration["corpus"] = ["old_corpus.txt"]
+    stale.save(out)
+    calls = []
+
+    def fake_calibrate_model(model, tokenizer, corpus, settings, out_dir, **kw):
+        calls.append([p.name for p in corpus])
+        art = make_artifact(seed=1)
+        art.calibration["corpus"] = [p.name for p in corpus]
+        return [art.save(out_dir)]
+
+    monkeypatch.setattr(calibration, "calibrate_model", fake_calibrate_model)
+    art = calibration.ensure_artifact(None, None, None, "model.gguf", quiet=True)
+    assert calls == [names] and art.calibration["corpus"] == names
+    again = calibration.ensure_artifact(None, None, None, "model.gguf", quiet=True)
+    assert len(calls) == 1 and again.artifact_id() == art.artifact_id()
