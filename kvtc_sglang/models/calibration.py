@@ -26,7 +26,7 @@ from kvtc_sglang.codec.errors import CalibrationMismatchError
 from kvtc_sglang.models.kv_capture import ModelKVSpec, capture_kv, weights_digest
 
 DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
-                  "wikitext2_valid.txt")
+                  "wikitext2_valid.txt", "code_transformers.txt", "chat_fastchat_dummy.json")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WEIGHTINGS = ("fisher", "none")
 
@@ -36,7 +36,8 @@ class CalibrationInputError(ValueError):
 
 
 def default_corpus_paths() -> list[Path]:
-    """The shipped calibration mix: two novels, Shakespeare and WikiText-2 validation text (package data)."""
+    """The shipped calibration mix (package data): two novels, Shakespeare, WikiText-2 validation text, Python source
+    (transformers) and chat (ShareGPT-format conversations, rendered with the model's chat template)."""
     base = resources.files("kvtc_sglang") / "data"
     return [Path(str(base / name)) for name in DEFAULT_CORPUS]
 
