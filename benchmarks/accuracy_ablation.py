@@ -7,7 +7,8 @@ Every variant is scored on the same windows in one pass per text (one prefill an
 window), at `--ratios` (default 16 and 32); the `--full` variant at every plan of its artifact, beside FP8,
 int4-g32 and KIVI-2. `--split LABEL:N:R` adds position-class plans on variant LABEL: the first N compressed
 tokens after the sinks at the R× plan, the rest at each ratio of `--ratios`. Rows -> benchmarks/results/
-accuracy_ablation.{json,md} (rows of the same model and text are replaced). Δppl carries a paired bootstrap
+accuracy_ablation.{json,md} (a row of the same model, text, method, variant and ratio is replaced; others are kept,
+so passes with other variants add to a table). Δppl carries a paired bootstrap
 95% interval over windows.
 """
 
@@ -109,7 +110,11 @@ def main(argv=None) -> int:
             r.update(describe(text), model=label, machine=machine, commit=commit)
         print(f"\n{label} — {text_name}\n" + format_rows(rows, with_variant=True), flush=True)
         old = json.loads(path.read_text()) if path.is_file() else []
-        keep = [r for r in old if (r["model"], r["eval_text"]) != (label, text_name)]
+        # rows accumulate across passes (every pass scores the same windows, so rows stay paired); a row of the
+        # same method, variant and ratio on the same model and text is replaced
+        key = lambda r: (r["model"], r["eval_text"], r["method"], r.get("variant", ""), r["target_ratio"])  # noqa: E731
+        new_keys = {key(r) for r in rows}
+        keep = [r for r in old if key(r) not in new_keys]
         path.write_text(json.dumps(keep + rows, indent=1) + "\n")
         (out / "accuracy_ablation.md").write_text(_markdown(keep + rows))
     print(f"machine: {machine}\nwrote {path}, accuracy_ablation.md")
