@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix", type=int, default=None, help="compressed prefix tokens per window (default: 512; 384 on chat)")
     ap.add_argument("--score", type=int, default=None, help="scored tokens per window (default: 128)")
     ap.add_argument("--ratios", type=int, nargs="+", default=None, help="KVTC plans to evaluate (default: every plan of the artifact; chat mode: 16)")
-    ap.add_argument("--no-baselines", action="store_true", help="KVTC rows only (windows mode)")
+    ap.add_argument("--baselines", nargs="*", default=None, metavar="NAME",
+                    help="baselines beside KVTC (windows mode; default: fp8_e4m3 int4_g32 kivi2; none: KVTC rows only)")
     ap.add_argument("--window-sizes", type=int, nargs="+", default=[0, 32, 128], help="recent-window sizes W (chat mode)")
     ap.add_argument("--max-tokens", type=int, default=2048, help="longest returning-turn sample (chat mode)")
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -138,8 +139,11 @@ def main(argv=None) -> int:
 
     ratios = args.ratios or sorted(art.plans)
     methods = [kvtc_method(art, r) for r in ratios]
-    if not args.no_baselines:
-        methods += [baseline_method(b) for b in BASELINES]
+    names = [b.name for b in BASELINES] if args.baselines is None else args.baselines
+    unknown = set(names) - {b.name for b in BASELINES}
+    if unknown:
+        raise SystemExit(f"unknown baselines {sorted(unknown)}; choose from {[b.name for b in BASELINES]}")
+    methods += [baseline_method(b) for b in BASELINES if b.name in names]
     rows = []
     for name in args.text:
         text = load_text(name, tok)
