@@ -16,9 +16,16 @@ GB/s = bytes of raw K+V in the pool dtype / time. Timings: CUDA events, median o
 warm-up call. Every implementation is checked against the reference codec before it is timed.
 
 Rows (JSON/markdown): op (encode, decode, decode_layerwise, h2d_copy, recompute, d2d_copy, gemm_bf16),
-impl (triton, torch-reference, torch-pinned, flop-derived, cublas), model, rank, tokens, entropy
-("none" = kernels only on the raw payload, "none+blob" = blob framing without entropy, else the
-nvCOMP coder), ratio (raw KV bytes / stored bytes), ms, gbps, gpu, commit.
+impl (triton = the per-node API, triton-batched = the batched pool codec of the compressed tier, torch-reference,
+torch-pinned, flop-derived, cublas), model, rank, plan (the plan a rank comes from: "8x"/"16x"/"32x" with
+--plan-ranks, else "r<rank>"), nodes (jobs of one batched call; the same tokens split evenly), launches
+(kernel launches of one batched call), tokens, entropy ("none" = kernels only on the raw payload, "none+blob" =
+blob framing without entropy, else the nvCOMP coder), ratio (raw KV bytes / stored bytes), ms, gbps, gpu, commit.
+Batched decode rows: op "decode" = one decode_layers call for all layers ("all-layers"), op "decode_layerwise" =
+one decode_layers call per layer (what overlaps with the prefill); both include decode_begin (unpack).
+
+    --plan-ranks CARD   synthetic plans at the kept ranks of a calibrated card's 8/16/32 plans (card.json or its
+                        folder), e.g. the Llama-3.1-8B card: the decode rate at the served ranks.
 """
 
 from __future__ import annotations
@@ -56,11 +63,33 @@ def parse_args(argv=None):
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; optional parts are skipped past it")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter) or GPU")
+    ap.add_argument("--plan-ranks", default=None, metavar="CARD",
+                    help="use the kept ranks of this card's 8/16/32 plans (card.json or its folder) instead of --ranks")
+    ap.add_argument("--nodes", default=None, help="jobs per batched call, comma separated (default 1,8,32)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.tokens, args.ranks, args.repeats = 96, "32,64", 1
     args.ranks = [int(r) for r in str(args.ranks).split(",") if r]
+    args.nodes = [int(x) for x in str(args.nodes or ("1,4" if args.smoke else "1,8,32")).split(",") if x]
+    if args.plan_ranks:
+        args.card_ranks = card_plan_ranks(args.plan_ranks)
     return args
+
+
+def card_plan_ranks(path: str) -> dict[int, tuple[int, int]]:
+    """{ratio: (K rank, V rank)} of the 8/16/32 plans of a calibration card (largest rank over feature blocks)."""
+    card = Path(path)
+    if card.is_dir():
+        card = card / "card.json"
+    try:
+        plans = json.loads(card.read_text())["plans"]
+        out = {int(r): (max(b["rank"] for b in plans[r]["k"]), max(b["rank"] for b in plans[r]["v"]))
+               for r in ("8", "16", "32") if r in plans}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--plan-ranks {path}: not a calibration card with plans ({type(e).__name__}: {e})")
+    if not out:
+        raise SystemExit(f"--plan-ranks {path}: the card has none of the 8/16/32 plans")
+    return out
 
 
 class Bench:
@@ -108,7 +137,7 @@ class Bench:
     def add(self, **row) -> dict:
         row.setdefault("gpu", self.gpu)
         row.setdefault("commit", self.commit)
-        for key in ("rank", "tokens", "entropy", "ratio", "model"):
+        for key in ("rank", "tokens", "entropy", "ratio", "model", "plan", "nodes", "launches"):
             row.setdefault(key, None)
         if row.get("ms") and row.get("bytes"):
             gbps = row["bytes"] / (row["ms"] * 1e-3) / 1e9
@@ -117,7 +146,8 @@ class Bench:
         row["ms"] = round(row["ms"], 4) if row.get("ms") is not None else None
         self.rows.append(row)
         log(f"  {row['op']:<16} {row['impl']:<16} r={row['rank']!s:<5} {row['entropy'] or '':<10} "
-            f"{row['ms'] if row['ms'] is not None else '-':>9} ms  {row['gbps'] if row['gbps'] is not None else '-':>8} GB/s"
+            + (f"nodes={row['nodes']:<3} " if row.get("nodes") else "")
+            + f"{row['ms'] if row['ms'] is not None else '-':>9} ms  {row['gbps'] if row['gbps'] is not None else '-':>8} GB/s"
             + (f"  ratio {row['ratio']:.2f}" if row.get("ratio") else "") + (f"  [{row['note']}]" if row.get("note") else ""))
         return row
 
@@ -220,7 +250,7 @@ def check_codec(b: Bench, tri, kb, vb, enc_slots, dec_slots, k, v, start) -> dic
 
 
 def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, dec_slots, k, v, start: int,
-               raw_bytes: int, *, full: bool) -> None:
+               raw_bytes: int, *, full: bool, plan: str | None = None) -> None:
     from kvtc_sglang.codec.codec import KVTCCodec
     from kvtc_sglang.codec.entropy import NoEntropy
     from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
@@ -231,7 +261,7 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
     tri = TritonPoolCodec(codec, chunk_tokens=b.args.chunk_tokens)
     rank = max(bc.plan.rank for kc in codec.kinds.values() for bc in kc.blocks)
     nominal = 16.0 * 2 * codec.p / (8 * codec.coded_bytes_per_token())
-    common = dict(rank=rank, tokens=n, model=model["model"], bytes=raw_bytes)
+    common = dict(rank=rank, tokens=n, model=model["model"], bytes=raw_bytes, plan=plan or f"r{rank}")
     log(f"[{model['model']} plan {ratio_key}: rank {rank}, {codec.coded_bytes_per_token()} B/token, nominal {nominal:.1f}x]")
     chk = check_codec(b, tri, kb, vb, enc_slots, dec_slots, k, v, start)
     b.meta.setdefault("checks", {})[f"{model['model']}:{ratio_key}"] = chk
@@ -293,9 +323,82 @@ def bench_rank(b: Bench, art, ratio_key: int, model: dict, kb, vb, enc_slots, de
         ms = b.time_ms(lambda: ref.decode_into(blob, kb, vb, dec_slots), repeats=reps)
         b.add(op="decode", impl="torch-reference", entropy="none+blob", ms=ms, ratio=ratio, **common)
         del blob, ref
+    bench_batched(b, codec, model, k, v, start, raw_bytes, common, chk)
     del tri, codec, payload
     if b.cuda:
         torch.cuda.empty_cache()
+
+
+def bench_batched(b: Bench, codec, model: dict, k, v, start: int, raw_bytes: int, common: dict, chk: dict) -> None:
+    """The batched pool codec (what the compressed tier calls): the same tokens as `nodes` jobs in one call,
+    payloads written into blob rows of the pool; decode all layers at once and layer by layer. Checked: decoded
+    rows as close to the originals as the per-node path's, exact rows bit-exact; no compile after warmup."""
+    from kvtc_sglang.codec import launches
+    from kvtc_sglang.codec.triton.batched import BatchedPoolCodec
+    from kvtc_sglang.codec.jobs import DecodeJob, EncodeJob
+
+    if not b.have_time(30):
+        return
+    L, H, D = model["L"], model["H"], model["D"]
+    n = k.shape[0]
+    bc = BatchedPoolCodec(codec, torch.bfloat16, reference=False, chunk_tokens=b.args.chunk_tokens,
+                          decode_chunk_tokens=max(8192, n))
+    lay_all = bc.blob_layout(n, 0, 0)
+    n_slots = 2 * n + lay_all.n_slots + 64 * max(b.args.nodes) + 1
+    kb = [torch.zeros(n_slots, H, D, dtype=torch.bfloat16, device=b.dev) for _ in range(L)]
+    vb = [torch.zeros(n_slots, H, D, dtype=torch.bfloat16, device=b.dev) for _ in range(L)]
+    slots = torch.arange(1, n + 1, device=b.dev)
+    dst = torch.arange(n + 1, 2 * n + 1, device=b.dev)
+    fill_pool(kb, vb, slots, k, v)
+    pool = bc.pool_rows(kb, vb)
+    compiles = bc.warmup(pool)
+    before = launches.jit_compiles()
+    for nodes in b.args.nodes:
+        if nodes > n or not b.have_time(20):
+            continue
+        per = n // nodes
+        jobs, djobs, nxt = [], [], 2 * n + 1
+        for i in range(nodes):
+            m = per if i < nodes - 1 else n - per * (nodes - 1)
+            nh = min(4, m) if i == 0 else 0
+            lay = bc.blob_layout(m, nh, 0)
+            blob_slots = torch.arange(nxt, nxt + lay.n_slots, device=b.dev)
+            nxt += lay.n_slots
+            rows = pool.rows_of_slots(blob_slots, lay.n_rows)
+            jobs.append(EncodeJob(slots[i * per : i * per + m], start + i * per, nh, 0, rows))
+            djobs.append(DecodeJob(rows, lay, start + i * per, (0, m), dst[i * per : i * per + m]))
+        stored = sum(bc.blob_layout(j.src_slots.numel(), j.n_head, 0).nbytes for j in jobs)
+        eb = bc.encode(pool, jobs)
+
+        def all_layers():
+            db = bc.decode_begin(pool, djobs)
+            bc.decode_layers(db, range(0, L))
+            return db
+
+        def layerwise():
+            db = bc.decode_begin(pool, djobs)
+            for layer in range(L):
+                bc.decode_layers(db, range(layer, layer + 1))
+            return db
+
+        db = all_layers()
+        got_k = gather(kb, dst)
+        mid = slice(4, n)
+        err = ((got_k[mid].float() - k[mid].float()).norm() / k[mid].float().norm()).item()
+        ok = torch.equal(got_k[:4], k[:4]) and err <= 1.05 * chk["k"]["rel_err_triton"] + 1e-3
+        b.meta.setdefault("checks", {})[f"{common['model']}:{common['plan']}:batched:{nodes}"] = dict(
+            ok=ok, rel_err=err, per_node_rel_err=chk["k"]["rel_err_triton"])
+        row = dict(common, impl="triton-batched", entropy="none", nodes=nodes, ratio=raw_bytes / stored,
+                   check="ok" if ok else "FAILED")
+        ms = b.time_ms(lambda: bc.encode(pool, jobs))
+        b.add(op="encode", ms=ms, launches=eb.launches, **row)
+        ms = b.time_ms(all_layers)
+        b.add(op="decode", ms=ms, launches=db.launches, note="all-layers", **row)
+        ms = b.time_ms(layerwise)
+        b.add(op="decode_layerwise", ms=ms, launches=layerwise().launches, note="layerwise", **row)
+    b.meta.setdefault("batched_compiles", {})[common["plan"]] = dict(
+        warmup=compiles, after_warmup=launches.jit_compiles() - before)
+    del kb, vb, pool, bc
 
 
 def tune(b: Bench, art, ratio_key, kb, vb, enc_slots, dec_slots, start) -> None:
@@ -343,10 +446,19 @@ def run_synthetic(b: Bench, model: dict) -> None:
 
     L, H, D = model["L"], model["H"], model["D"]
     p, n = L * H * D, b.args.tokens
-    ranks = [r for r in b.args.ranks if r <= p]
     rope = RopeConfig(**LLAMA_ROPE) if not b.args.smoke else RopeConfig(head_dim=D, rotary_dim=D, theta=10000.0)
     t = time.time()
-    plans = {r: [(dp_like_plan(p, r, r), dp_like_plan(p, r, r))] for r in ranks}
+    labels: dict[int, str] = {}
+    if getattr(b.args, "card_ranks", None):  # plan keys = ratios; ranks from the card, clipped to this model's p
+        plans = {}
+        for ratio, (rk, rv) in sorted(b.args.card_ranks.items()):
+            plans[ratio] = [(dp_like_plan(p, min(rk, p), ratio), dp_like_plan(p, min(rv, p), ratio))]
+            labels[ratio] = f"{ratio}x"
+        b.meta["plan_ranks"] = {f"{r}x": dict(k=rk, v=rv) for r, (rk, rv) in b.args.card_ranks.items()}
+        ranks = list(plans)
+    else:
+        ranks = [r for r in b.args.ranks if r <= p]
+        plans = {r: [(dp_like_plan(p, r, r), dp_like_plan(p, r, r))] for r in ranks}
     art = synthetic_artifact(L, H, D, plans, rope=rope, seed=0, device=b.dev)
     start = 1000
     k, v = synthetic_kv(art, n, start, dtype=torch.bfloat16, device=b.dev, seed=1)
@@ -361,7 +473,8 @@ def run_synthetic(b: Bench, model: dict) -> None:
     for r in [first] + [r for r in ranks if r != first]:
         if r != first and not b.have_time(40 + r / 256):
             continue
-        bench_rank(b, art, r, model, kb, vb, enc_slots, dec_slots, k, v, start, raw_bytes, full=(r == first))
+        bench_rank(b, art, r, model, kb, vb, enc_slots, dec_slots, k, v, start, raw_bytes, full=(r == first),
+                   plan=labels.get(r))
         b.save()
     del kb, vb, k, v
 
@@ -397,12 +510,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append(f"Measured bf16 GEMM rate: {meta['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s. "
                    "GB/s = raw K+V bytes (pool dtype) / time; ratio = raw KV bytes / stored bytes.")
         out.append("")
-    out.append("| op | impl | model | rank | entropy | tokens | ms | GB/s | ratio | note |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| op | impl | model | plan | rank | nodes | launches | entropy | tokens | ms | GB/s | ratio | note |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append("| " + " | ".join(str(x) if x is not None else "" for x in (
-            r["op"], r["impl"], r.get("model"), r.get("rank"), r.get("entropy"), r.get("tokens"), r.get("ms"),
-            r.get("gbps"), f"{r['ratio']:.2f}" if r.get("ratio") else None, r.get("note") or r.get("check"))) + " |")
+            r["op"], r["impl"], r.get("model"), r.get("plan"), r.get("rank"), r.get("nodes"), r.get("launches"),
+            r.get("entropy"), r.get("tokens"), r.get("ms"), r.get("gbps"), f"{r['ratio']:.2f}" if r.get("ratio") else None,
+            r.get("note") or r.get("check"))) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -414,7 +528,7 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict = {}
     model = next((r["model"] for r in rows if r["op"] in ("encode", "decode") and r.get("model")), None)
     for r in rows:
-        if r["op"] in ("encode", "decode") and r.get("gbps") and r.get("model") == model:
+        if r["op"] in ("encode", "decode") and r.get("gbps") and r.get("model") == model and r.get("nodes") in (None, 1):
             series.setdefault(f"{r['op']} {r['impl']} {r['entropy']}", []).append((r["rank"], r["gbps"]))
     for label, pts in sorted(series.items()):
         pts.sort()

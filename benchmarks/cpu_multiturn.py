@@ -39,10 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sharegpt-users", type=int, default=5, help="ShareGPT users (up to --turns turns each)")
     ap.add_argument("--turns", type=int, default=3, help="most turns per user")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--pool-tokens", type=int, default=1536, help="slots of the KVTC engine's KV pool")
+    ap.add_argument("--pool-tokens", type=int, default=2304, help="slots of the KVTC engine's (and the fp8 engine's) KV "
+                                                                 "pool; blobs live in it (2,304 = the memory of the "
+                                                                 "earlier 1,536-slot pool plus its separate store)")
     ap.add_argument("--reference-pool-tokens", type=int, default=16384, help="slots of the reference pool (never "
                                                                              "evicts)")
-    ap.add_argument("--store-budget", default="0.5", help="compressed store: bytes or a fraction of the pool's bytes")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 engine's lockstep run")
     ap.add_argument("--ratio", type=int, default=16, help="KVTC target ratio (a plan of the artifact)")
     ap.add_argument("--sink-tokens", type=int, default=4)
     ap.add_argument("--window-tokens", type=int, default=32,
@@ -76,8 +78,8 @@ def cache_summary(stats: dict, peak: dict) -> dict:
             "revived_tokens", "compress_seconds", "decompress_seconds")
     out = {k: stats[k] for k in keys}
     out["at_end"] = {k: stats[k] for k in ("hot_tokens", "compressed_tokens", "num_blobs", "blob_bytes",
-                                           "blob_raw_bytes", "realized_ratio", "store_used_bytes",
-                                           "store_capacity_bytes")}
+                                           "blob_raw_bytes", "realized_ratio", "blob_slots",
+                                           "effective_ratio", "tail_waste_bytes")}
     out["peak"] = peak
     return out
 
@@ -97,9 +99,10 @@ def markdown(result: dict) -> str:
         "",
         f"{a['requests']} requests ({s['users']} users interleaved, up to {s['turns']} turns, <= "
         f"{s['max_new_tokens']} new tokens, greedy, model {s['model_dtype']}, bf16 KV pool). KVTC engine: pool "
-        f"{s['pool_tokens']} tokens ({result['memory']['kvtc_pool_bytes'] / 2**20:.1f} MiB) + store "
-        f"{result['memory']['store_bytes'] / 2**20:.1f} MiB; reference: plain RadixCache, pool "
-        f"{s['reference_pool_tokens']} tokens, no eviction.",
+        f"{s['pool_tokens']} tokens ({result['memory']['kvtc_pool_bytes'] / 2**20:.1f} MiB), blobs in the pool's "
+        f"own slots; fp8 engine: plain RadixCache (a pool that never evicts) whose KV is stored rounded to "
+        f"float8_e4m3 (scale 1.0); reference: plain RadixCache, pool {s['reference_pool_tokens']} tokens, no "
+        f"eviction.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -116,8 +119,15 @@ def markdown(result: dict) -> str:
         f"{c['miss_tokens']} (hit rate {c['hit_rate']:.1%}) |",
         f"| reference prefix hits: hot / miss tokens | {result['reference_hits']['hot']} / "
         f"{result['reference_hits']['miss']} |",
-        f"| realized ratio of the live blobs (exact sink/window rows included), peak | "
-        f"{peak['realized_ratio']:.2f}x at {peak['compressed_tokens']} compressed tokens |",
+        f"| effective ratio: compressed tokens / pool slots their blobs take (exact rows and tail waste included), "
+        f"peak | {peak['effective_ratio']:.2f}x at {peak['compressed_tokens']} compressed tokens |",
+        f"| realized ratio of the live blobs' payload bytes (exact rows included), at that peak | "
+        f"{peak['realized_ratio']:.2f}x |",
+        f"| teacher-forced next-token agreement on returning turns: kvtc / fp8 | "
+        f"{a['returning']['next_token_agreement']:.3f} / "
+        f"{(result.get('fp8') or {}).get('returning', {}).get('next_token_agreement', float('nan')):.3f} |",
+        f"| identical answers on returning turns: kvtc / fp8 | {a['returning']['exact_match_rate']:.0%} / "
+        f"{(result.get('fp8') or {}).get('returning', {}).get('exact_match_rate', float('nan')):.0%} |",
         f"| nominal coded ratio of the plan (before entropy, sink/window excluded) | "
         f"{result['plan_nominal_ratio']:.1f}x |",
         f"| evicted by deletion / compressed nodes dropped for room | {c['deleted_tokens']} tok / {c['drops']} "
@@ -126,7 +136,7 @@ def markdown(result: dict) -> str:
         f"| compress / decompress time (reference codec, CPU) | {c['compress_seconds']:.2f} s / "
         f"{c['decompress_seconds']:.2f} s |",
         f"| allocator full after reset() | {result['allocator_full_after_reset']} |",
-        f"| wall time (both engines) | {result['timing']['total_s']:.0f} s |",
+        f"| wall time (all engines) | {result['timing']['total_s']:.0f} s |",
         "",
         "Agreement: the KVTC engine is teacher-forced on the reference's greedy answer, on identical prompts "
         "(earlier turns carry the recorded ShareGPT answer, or the reference's answer for MT-bench). Its greedy "
@@ -157,7 +167,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     model, tok = load_model(dtype=getattr(torch, args.model_dtype))
     artifact = ensure_artifact(args.artifact, model, tok)
-    options = KVTCOptions.from_values(kv_compress="kvtc", ratio=args.ratio, store_budget=args.store_budget,
+    options = KVTCOptions.from_values(kv_compress="kvtc", ratio=args.ratio,
                                       sink_tokens=args.sink_tokens, window_tokens=args.window_tokens,
                                       min_compress_tokens=args.min_compress_tokens, entropy=args.entropy).validate()
     max_context = 8192
@@ -173,13 +183,14 @@ def main(argv=None) -> int:
     print(f"machine: {machine}\ncommit: {commit}")
     print(f"{len(conversations)} users: {', '.join(c.name + f' ({len(c.user_turns)})' for c in conversations)}")
 
-    peak = {"compressed_tokens": 0, "realized_ratio": 0.0, "num_blobs": 0}
+    peak = {"compressed_tokens": 0, "realized_ratio": 0.0, "effective_ratio": 0.0, "num_blobs": 0}
 
     def after_each(record: dict) -> None:
         cache.check_consistency()
         s = cache.stats()
         if s.compressed_tokens >= peak["compressed_tokens"]:
-            peak.update(compressed_tokens=s.compressed_tokens, realized_ratio=s.realized_ratio, num_blobs=s.num_blobs)
+            peak.update(compressed_tokens=s.compressed_tokens, realized_ratio=s.realized_ratio,
+                        effective_ratio=s.effective_ratio, num_blobs=s.num_blobs)
         t = record["tested"]
         d = record["first_divergence"]
         ref, got = record["reference_ids"], record["tested_ids"]
@@ -188,17 +199,28 @@ def main(argv=None) -> int:
               f"hot {t['hot_hit_tokens']:4d}, compressed hit {t['host_hit_tokens']:4d} (restored "
               f"{t['loaded_back_tokens']:4d}), computed {t['computed_tokens']:4d}, new {t['new_tokens']:3d} | "
               f"{'identical' if ref == got else f'diverges at {d}'}, next-token {agree:.2f} | compressed now "
-              f"{s.compressed_tokens}, ratio {s.realized_ratio:.2f}x", flush=True)
+              f"{s.compressed_tokens}, effective ratio {s.effective_ratio:.2f}x", flush=True)
 
     t_run = time.perf_counter()
     records = run_lockstep(reference, tested, conversations, args.max_new_tokens, after_each=after_each)
     run_s = time.perf_counter() - t_run
     stats = cache.stats().as_dict()
     agree = agreement(records)
+    agree["returning"] = agreement([r for r in records if r["turn"] > 0])
+    fp8 = None
+    if not args.no_fp8:  # the same conversations with the KV stored as an fp8 cache holds it (no eviction needed)
+        fp8_pool, fp8_allocator = make_kv_pool(model.config, args.reference_pool_tokens)
+        fp8_engine = MiniEngine(model, tok, make_radix_cache(fp8_allocator, max_context), fp8_pool, fp8_allocator,
+                                kv_round_dtype=torch.float8_e4m3fn)
+        ref2_pool, ref2_allocator = make_kv_pool(model.config, args.reference_pool_tokens)
+        reference2 = MiniEngine(model, tok, make_radix_cache(ref2_allocator, max_context), ref2_pool, ref2_allocator)
+        fp8_records = run_lockstep(reference2, fp8_engine, conversations, args.max_new_tokens)
+        fp8 = agreement(fp8_records)
+        fp8["returning"] = agreement([r for r in fp8_records if r["turn"] > 0])
 
     # release everything: the tree gives back every slot and blob
     cache.reset()
-    allocator_full = allocator.available_size() == args.pool_tokens and cache.store.used_bytes == 0
+    allocator_full = allocator.available_size() == args.pool_tokens and cache.blobs.device_slots == 0
     if ref_allocator.available_size() + ref_cache.evictable_size() != args.reference_pool_tokens:
         raise RuntimeError("the reference pool leaked slots")
     ref_evicted = sum(r["reference"]["evict_requested_tokens"] for r in records)
@@ -214,10 +236,12 @@ def main(argv=None) -> int:
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("out_dir", "data")},
                      "users": len(conversations), "kv_dtype": "bfloat16", "page_size": 1,
                      "kv_shape": [layers, heads, head_dim]},
-        "memory": {"kvtc_pool_bytes": int(sum(pool.get_kv_size_bytes())), "store_bytes": cache.store.capacity_bytes,
+        "memory": {"kvtc_pool_bytes": int(sum(pool.get_kv_size_bytes())), "blob_cap_bytes": (cache.blobs.cap_slots or 0) * cache.slot_bytes,
                    "reference_pool_bytes": int(sum(ref_pool.get_kv_size_bytes()))},
         "plan_nominal_ratio": row_bytes / codec.coded_bytes_per_token(),
         "agreement": agree,
+        "fp8": fp8,
+        "effective_ratio": peak["effective_ratio"],
         "cache": cache_summary(stats, peak),
         "reference_hits": {"hot": sum(r["reference"]["hot_hit_tokens"] for r in records),
                            # looked-up tokens: all but the last prompt token (the match limit, as sglang's)

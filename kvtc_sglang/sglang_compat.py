@@ -139,19 +139,21 @@ _SYMBOLS: dict[str, str] = {
     "BaseTokenToKVPoolAllocator": "sglang.srt.mem_cache.allocator",
     "TokenToKVPoolAllocator": "sglang.srt.mem_cache.allocator",
     "PagedTokenToKVPoolAllocator": "sglang.srt.mem_cache.allocator",
-    # memory-pool sizing
-    "KVCacheConfigurator": "sglang.srt.mem_cache.kv_cache_configurator",
-    "create_memory_pool_configurator": "sglang.srt.model_executor.pool_configurator",
+    # layer-wise loading (HiCache's counter, reused for the compressed tier's decode)
+    "LayerDoneCounter": "sglang.srt.managers.cache_controller",
+    # request finishing
+    "FINISH_ABORT": "sglang.srt.managers.schedule_batch",
 }
 
 __all__ = [
     "SUPPORTED_SGLANG_VERSION", "SGLangVersionError", "installed_sglang_version", "sglang_version_in",
     "check_sglang_version", "installed_sglang_site_packages", "server_args_has_field", "set_server_args_fields",
-    "hook_is_registered", "kv_bytes_per_token", "kv_pool_of", "rope_of_model", "parser_has_flag",
+    "hook_is_registered", "kv_pool_of", "rope_of_model", "layer0_kv_weights", "served_tokenizer", "parser_has_flag",
     "missing_tree_internals", "RADIX_CACHE_OVERRIDES", "RADIX_CACHE_PRIVATE_METHODS", "RADIX_CACHE_PRIVATE_ATTRIBUTES",
-    "TREE_NODE_FIELDS", "RADIX_KEY_METHODS", "SERVER_ARGS_PATH",
-    "SERVER_ARGS_RELPATH", "TARGET_ADD_CLI_ARGS", "TARGET_FROM_CLI_ARGS", "TARGET_POST_INIT",
-    "TARGET_CONFIG_FROM_BUDGET", *_SYMBOLS,
+    "TREE_NODE_FIELDS", "RADIX_KEY_METHODS", "SERVER_ARGS_PATH", "SERVER_ARGS_RELPATH", "TARGET_ADD_CLI_ARGS",
+    "TARGET_FROM_CLI_ARGS", "TARGET_POST_INIT", "TARGET_RUN_BATCH", "TARGET_FORM_PREFILL_BATCH", "abort_request",
+    "pool_is_post_capture", "register_layer_counter", "scheduler_forward_stream", "unsupported_pool_features",
+    *_SYMBOLS,
 ]
 
 
@@ -181,10 +183,17 @@ TARGET_ADD_CLI_ARGS = SERVER_ARGS_PATH + ".add_cli_args"
 TARGET_FROM_CLI_ARGS = SERVER_ARGS_PATH + ".from_cli_args"
 # Runs the whole resolution pipeline, then makes the fields read-only (materialize_declarations).
 TARGET_POST_INIT = SERVER_ARGS_PATH + ".__post_init__"
-# KVCacheConfigurator.config_from_budget(self, budget_bytes, *, cap_tokens=None) -> MemoryPoolConfig turns a KV byte
-# budget into the pool's token count; both the profiling path (_resolve_memory_pool_config) and the post-CUDA-graph
-# resize (compute_post_capture_kv_resize) go through it.
-TARGET_CONFIG_FROM_BUDGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator.config_from_budget"
+SCHEDULER_PATH = "sglang.srt.managers.scheduler.Scheduler"
+# Scheduler.run_batch(self, batch, ...): launches one forward (on self.forward_stream in overlap mode). An AFTER hook
+# records an event there, which orders the tier's side-stream KV reads and writes after that forward (CUDA graphs
+# order SGLang's schedule stream only after a graph's read-done event, scheduler.py _apply_war_barrier).
+TARGET_RUN_BATCH = SCHEDULER_PATH + ".run_batch"
+# Scheduler._get_new_batch_prefill_raw(self, prefill_delayer_single_pass, running_batch) -> (batch | None,
+# running_batch): forms the prefill batch (match_prefix, add_one_req -> init_load_back, prepare_for_extend). A BEFORE
+# hook is the tier's once-per-step poll/launch point; an AFTER hook launches the layer-wise decode of the pending
+# load-backs and sets batch.hicache_consumer_index (SGLang sets it only under --enable-hierarchical-cache,
+# scheduler.py:3307).
+TARGET_FORM_PREFILL_BATCH = SCHEDULER_PATH + "._get_new_batch_prefill_raw"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -220,21 +229,6 @@ def hook_is_registered(target: str, hook: Any) -> bool:
     return any(registered is hook for _type, registered, _source in registry._hooks.get(target, ()))
 
 
-def kv_bytes_per_token(configurator: Any) -> int:
-    """KV-pool bytes per token slot (all layers, K and V, this rank's heads) as the pool sizing computes it.
-
-    ``configurator`` is a ``KVCacheConfigurator``. Raises ValueError for pool families whose sizing is not a plain
-    bytes-per-token product (hybrid SWA/SSM, DeepSeek V4), which the compressed tier does not support.
-    """
-    pool_configurator = __getattr__("create_memory_pool_configurator")(configurator)
-    cell = getattr(pool_configurator, "_cell_size", None)
-    if type(pool_configurator).__name__ != "DefaultPoolConfigurator" or not isinstance(cell, int) or cell <= 0:
-        raise ValueError(
-            f"the compressed KV tier needs a plain per-token KV pool, but sglang sizes this model's pool with "
-            f"{type(pool_configurator).__name__} (cell size {cell!r})")
-    return cell
-
-
 def kv_pool_of(allocator: Any) -> Any:
     """The KV pool (``KVCache``) behind a token-to-KV allocator."""
     get = getattr(allocator, "get_kvcache", None)
@@ -257,6 +251,68 @@ def rope_of_model(model: Any) -> dict[str, Any] | None:
     return None
 
 
+def layer0_kv_weights(model: Any) -> dict[str, Any] | str:
+    """Layer 0's key and value projection weights of a loaded model, as this rank holds them, or why not.
+
+    SGLang's attention layers (Llama, Qwen2/3, Mistral, ...) hold one fused ``qkv_proj`` (``QKVParallelLinear``): the
+    rank's weight is ``[(num_heads + 2 * num_kv_heads) * head_size, hidden]``, query rows first, then the key rows
+    and the value rows of the rank's KV heads (global heads ``tp_rank * num_kv_heads ...``, or
+    ``tp_rank // num_kv_head_replicas`` when heads are replicated). A transformers model has separate
+    ``k_proj``/``v_proj`` (all heads).
+
+    Returns:
+        ``{"k": [H_rank * D, hidden], "v": same, "head_dim": D, "first_head": int}`` (views of the weights), or a
+        string saying why the weights cannot be read: no model, no recognizable projection, quantized weights.
+    """
+    if model is None or not hasattr(model, "modules"):
+        return "the loaded model is not available to the cache builder"
+    import torch
+
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    for module in model.modules():
+        qkv = getattr(module, "qkv_proj", None)
+        if qkv is not None and all(hasattr(qkv, a) for a in ("num_heads", "num_kv_heads", "head_size")):
+            method = type(getattr(qkv, "quant_method", None)).__name__
+            weight = getattr(qkv, "weight", None)
+            if method not in ("UnquantizedLinearMethod", "NoneType") or not isinstance(weight, torch.Tensor) \
+                    or weight.dtype not in floats:
+                return (f"layer 0's qkv_proj is quantized ({method}, weight dtype "
+                        f"{getattr(weight, 'dtype', None)}); its weights are not those the card was measured on")
+            q, kv, d = int(qkv.num_heads) * int(qkv.head_size), int(qkv.num_kv_heads) * int(qkv.head_size), \
+                int(qkv.head_size)
+            if weight.dim() != 2 or weight.shape[0] != q + 2 * kv:
+                return (f"layer 0's qkv_proj weight has shape {tuple(weight.shape)}, not [(q + 2 kv) rows, hidden] "
+                        f"with q = {q}, kv = {kv}")
+            replicas = int(getattr(qkv, "num_kv_head_replicas", 1) or 1)
+            rank = int(getattr(qkv, "tp_rank", 0) or 0)
+            first = rank // replicas if replicas > 1 else rank * int(qkv.num_kv_heads)
+            return {"k": weight[q:q + kv], "v": weight[q + kv:q + 2 * kv], "head_dim": d, "first_head": first}
+        k, v = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
+        if k is not None and v is not None and isinstance(getattr(k, "weight", None), torch.Tensor):
+            head_dim = getattr(module, "head_dim", None)
+            if not isinstance(head_dim, int) or k.weight.dtype not in floats or v.weight.dtype not in floats:
+                return "layer 0's k_proj/v_proj weights are quantized or their head size is unknown"
+            return {"k": k.weight, "v": v.weight, "head_dim": head_dim, "first_head": 0}
+    return f"{type(model).__name__} has no attention layer with a qkv_proj or k_proj/v_proj the check recognizes"
+
+
+def served_tokenizer(server_args: Any) -> Any:
+    """The tokenizer SGLang's TokenizerManager loads for ``server_args`` (same function, same arguments), or None
+    under ``--skip-tokenizer-init``. Multimodal processors are not loaded: their tokenizer is read the same way.
+    Raises whatever ``get_tokenizer`` raises when the files cannot be loaded."""
+    if getattr(server_args, "skip_tokenizer_init", False):
+        return None
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    return get_tokenizer(
+        getattr(server_args, "tokenizer_path", None) or server_args.model_path,
+        tokenizer_mode=getattr(server_args, "tokenizer_mode", "auto"),
+        trust_remote_code=getattr(server_args, "trust_remote_code", False),
+        revision=getattr(server_args, "revision", None),
+        tokenizer_backend=getattr(server_args, "tokenizer_backend", "huggingface"),
+    )
+
+
 def parser_has_flag(parser: Any, flag: str) -> bool:
     """Whether an argparse parser already defines ``flag`` (a ServerArgs patched in-tree declares the kvtc flags).
 
@@ -273,9 +329,10 @@ def parser_has_flag(parser: Any, flag: str) -> bool:
 RADIX_CACHE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "_insert_helper": ("self", "node", "key", "value", "priority", "chunked"),
     "_split_node": ("self", "key", "child", "split_len"),
+    "_update_leaf_status": ("self", "node"),
 }
 # Private RadixCache methods KVTCRadixCache calls (leaf bookkeeping, KV events, hit counts).
-RADIX_CACHE_PRIVATE_METHODS = ("_update_leaf_status", "_record_store_event", "_record_remove_event", "_delete_leaf",
+RADIX_CACHE_PRIVATE_METHODS = ("_update_leaf_status", "_record_store_event", "_record_remove_event",
                                "_inc_hit_count")
 # Private RadixCache instance attributes KVTCRadixCache reads (set by the base class's __init__/reset).
 RADIX_CACHE_PRIVATE_ATTRIBUTES = ("_empty_match_result",)
@@ -306,3 +363,57 @@ def missing_tree_internals() -> list[str]:
     missing += [f"TreeNode.{n}" for n in TREE_NODE_FIELDS if not hasattr(node, n)]
     missing += [f"RadixKey.{n}" for n in RADIX_KEY_METHODS if not callable(getattr(radix_key, n, None))]
     return missing
+
+
+def scheduler_forward_stream(scheduler: Any) -> Any:
+    """The stream a Scheduler launches forwards on (``forward_stream``; None when it has none, e.g. on CPU)."""
+    return getattr(scheduler, "forward_stream", None)
+
+
+def register_layer_counter(pool: Any, tp_worker: Any, counter: Any) -> None:
+    """Make attention of layer i wait for ``counter``'s layer i (``KVCache.register_layer_transfer_counter``, read
+    by ``get_key_buffer``/``get_value_buffer``) and let the TP worker set the consumer per batch
+    (``TpModelWorker.register_hicache_layer_transfer_counter``, read from ``batch.hicache_consumer_index``)."""
+    pool.register_layer_transfer_counter(counter)
+    if tp_worker is not None and hasattr(tp_worker, "register_hicache_layer_transfer_counter"):
+        tp_worker.register_hicache_layer_transfer_counter(counter)
+
+
+def abort_request(req: Any, message: str) -> None:
+    """Finish a scheduled request with an abort (its output is an error, not text) and keep its KV out of the radix
+    tree (``skip_radix_cache_insert``: release_kv_cache / maybe_cache_unfinished_req skip the insert)."""
+    req.skip_radix_cache_insert = True
+    if hasattr(req, "to_finish"):
+        req.to_finish = __getattr__("FINISH_ABORT")(message)
+
+
+def unsupported_pool_features(server_args: Any) -> list[tuple[str, str]]:
+    """(flag, reason) for each SGLang 0.5.17 feature that moves or discards KV-pool memory behind the tier's back:
+    blob payloads live in pool slots, so the tier refuses them."""
+    out = []
+    if getattr(server_args, "enable_unified_memory", False):
+        out.append(("--enable-unified-memory", "the unified-memory pool compacts and remaps slots "
+                                                 "(flush_opportunistic), which would move blob payloads"))
+    if _post_capture_kv_sizing_env():
+        out.append(("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING=1", "the VMM-backed pool is resized after the radix cache "
+                                                              "is built (post-capture sizing), which changes the "
+                                                              "slot count the tier accounts against"))
+    if getattr(server_args, "enable_memory_saver", False):
+        out.append(("--enable-memory-saver", "release_memory_occupation discards the KV pool, blob payloads "
+                                               "included"))
+    mode = getattr(server_args, "disaggregation_mode", "null")
+    if mode not in (None, "null", "", "none"):
+        out.append((f"--disaggregation-mode {mode}", "PD disaggregation writes KV into preallocated slots over "
+                                                       "RDMA, outside the stream order the tier relies on"))
+    return out
+
+
+def _post_capture_kv_sizing_env() -> bool:
+    import os
+
+    return os.environ.get("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def pool_is_post_capture(pool: Any) -> bool:
+    """The KV pool is VMM-backed and sized after CUDA-graph capture (``MHATokenToKVPool.post_capture_active``)."""
+    return bool(getattr(pool, "post_capture_active", False))

@@ -104,6 +104,7 @@ ALLOWED = {  # layer -> the project layers its modules may import (besides their
 }
 EXCEPTIONS = {  # (importing layer, imported module): allowed beyond ALLOWED
     ("cache", "kvtc_sglang.models.geometry"),  # stdlib-only model geometry, shared with the startup checks
+    ("cache", "kvtc_sglang.models.identity"),  # torch-only model identity (fingerprint, tokenizer, weights sketch)
 }
 
 

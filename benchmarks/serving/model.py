@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvtc_sglang.models.geometry import geometry_from_dict, text_config_dict
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -34,20 +36,20 @@ class ModelInfo:
 
 
 def read_model_info(model_path: str | None) -> ModelInfo | None:
-    """Geometry of a local model folder (config.json), or None when there is no such folder."""
+    """Geometry of a local model folder (config.json), or None when there is no such folder.
+
+    Layers, KV heads and head_dim come from the library's one model-config reader (``models.geometry``, stdlib only).
+    """
     if not model_path:
         return None
     folder = Path(model_path)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         return None
-    cfg = json.loads(cfg_path.read_text())
-    cfg = cfg.get("text_config", cfg) if "num_hidden_layers" not in cfg else cfg
-    heads = int(cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // heads
-    return ModelInfo(path=str(model_path), num_layers=int(cfg["num_hidden_layers"]),
-                     num_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(head_dim),
-                     vocab_size=int(cfg.get("vocab_size") or 32000),
+    cfg = text_config_dict(json.loads(cfg_path.read_text()))
+    geo = geometry_from_dict(cfg, name=str(model_path))
+    return ModelInfo(path=str(model_path), num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
+                     head_dim=geo.head_dim, vocab_size=int(cfg.get("vocab_size") or 32000),
                      dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
                      has_tokenizer=any((folder / f).is_file() for f in TOKENIZER_FILES),
                      max_context=cfg.get("max_position_embeddings"))

@@ -14,6 +14,7 @@ needs positions spread over the context).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from kvtc_sglang import sglang_compat as compat
 from kvtc_sglang.cache.options import KVTCOptions
 from kvtc_sglang.codec.artifact import rank_dir_name
+from kvtc_sglang.models.identity import CAPTURE_IDENTITY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,27 @@ MIN_SEQUENCE_TOKENS = 64
 
 def capture_rank_dir(root: str | os.PathLike, tp_size: int, tp_rank: int) -> Path:
     return Path(root) / rank_dir_name(tp_size, tp_rank)
+
+
+def write_weights_identity(ctx: Any, out_dir: Path) -> None:
+    """Write the weights signature of the rank's KV heads of the loaded model to ``out_dir/CAPTURE_IDENTITY_FILE``,
+    so that a card calibrated from this capture can be checked against the served weights; nothing (one log line)
+    when there is none (dummy weights, quantized or unrecognized projections)."""
+    from kvtc_sglang.cache.startup_checks import served_weights_signature
+
+    if str(getattr(ctx.server_args, "load_format", "auto")) == "dummy":
+        reason = "the server loads random weights (--load-format dummy)"
+    else:
+        sig = served_weights_signature(getattr(getattr(ctx.tp_worker, "model_runner", None), "model", None))
+        if isinstance(sig, dict):
+            path = Path(out_dir) / CAPTURE_IDENTITY_FILE
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"weights_signature": sig}) + "\n")
+            os.replace(tmp, path)
+            return
+        reason = sig
+    logger.warning("KVTC capture: no weights signature recorded in %s (%s); a card made from this capture is not "
+                   "checked against the served weights", out_dir, reason)
 
 
 class KVCaptureRadixCache(compat.RadixCache):
@@ -53,7 +76,9 @@ class KVCaptureRadixCache(compat.RadixCache):
         tp = attention_tp(ctx.server_args)
         out = capture_rank_dir(options.capture_dir, tp, int(ctx.tp_rank) % tp)
         logger.info("KVTC capture: recording up to %d tokens of finished requests to %s", options.capture_tokens, out)
-        return cls(ctx.params, out, options.capture_tokens)
+        cache = cls(ctx.params, out, options.capture_tokens)
+        write_weights_identity(ctx, out)
+        return cache
 
     @property
     def done(self) -> bool:

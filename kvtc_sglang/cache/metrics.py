@@ -26,40 +26,69 @@ METRIC_PREFIX = "sglang:kvtc_"
 class KVTCStats:
     """Numbers of one KVTC radix cache (one TP rank).
 
-    Gauges (state now):
-        hot_tokens, compressed_tokens, host_tokens: tokens per node state (compressed = blob in the device store,
-            host = blob in the host tier).
+    Gauges (state now, from a walk over the tree: ``KVTCRadixCache.stats()``):
+        hot_tokens, compressed_tokens, host_tokens: tokens per node state (hot = holding pool slots: HOT, ENCODING,
+            HOT_BLOB, LOADING; compressed = only a blob in pool slots; host = only a blob in the host tier).
+        hot_blob_tokens: hot tokens that also have a blob (compressed ahead, or restored).
         hot_bytes: KV-pool bytes of the hot tokens (all layers, K and V, pool dtype).
-        store_used_bytes, store_capacity_bytes, host_used_bytes, host_capacity_bytes: page-rounded bytes.
-        blob_bytes: exact bytes of the live blobs (both tiers).
-        blob_raw_bytes: KV-pool bytes (pool dtype) the tokens still referenced in blobs would take uncompressed.
-        num_blobs: live blobs.
+        blob_slots: pool slots held by blobs; blob_slot_bytes: their bytes; protected_blob_slots: those a kernel in
+            flight uses.
+        blob_bytes: exact payload bytes of the blobs no node of which holds slots (the compressed part proper);
+            blob_raw_bytes: KV-pool bytes their tokens would take uncompressed (realized_ratio = their quotient).
+        tail_waste_bytes: blob_slot_bytes - device payload bytes (the partly used last page of each blob, < 1 page
+            per blob).
+        num_blobs: live blobs; host_used_bytes, host_capacity_bytes: the host spill tier.
+        store_cap_bytes: the optional cap on blob pool bytes (0 = none).
+        effective_ratio: tokens of the blobs held in pool slots by COMPRESSED nodes only / the slots those blobs take
+            (exact rows and tail waste included): the capacity multiplier of the compressed part.
+        jit_compiles: kernel compiles the codec reports.
+        policy_restored_fraction: restored / (restored + dropped unread) compressed tokens over the policy window.
     Counters (since start or ``reset_counters``):
-        compress_count, compress_tokens, compress_seconds: blobs made by evict, their tokens, encode+store time.
-        decompress_count, decompress_tokens, decompress_seconds: blob ranges decoded into the pool by load-back.
+        compress_count, compress_tokens: blobs made (ahead and at eviction) and their tokens;
+            compress_ahead_count: blobs made ahead of eviction; compress_at_evict_count: made at eviction time.
+        compress_seconds: (unused by the asynchronous path; kept for the log line).
+        decompress_count, decompress_tokens, decompress_seconds: nodes restored by load-back, their tokens, host
+            time in init_load_back.
         hit_hot_tokens, hit_compressed_tokens, hit_host_tokens, miss_tokens: prefix lookups made for a request
-            about to be scheduled, split by the state of the matched tokens (miss = page-aligned tokens not found).
-        evicted_tokens: device tokens freed by evict (compressed or deleted).
-        deleted_tokens: hot tokens evicted by plain deletion (too short to compress, or no room for the blob).
-        integrity_failures: blobs that failed their checks on load-back on this rank (never served).
-        integrity_dropped_tokens: compressed tokens dropped because a blob failed on some rank.
-        demotions: blobs moved device -> host; drops / dropped_tokens: compressed nodes deleted to make room.
+            about to be scheduled, split by the state of the matched tokens.
+        evicted_tokens: net pool slots freed by evict.
+        deleted_tokens: hot tokens evicted by plain deletion.
+        integrity_failures: blobs that failed a check (token binding, CRC) on this rank (never served).
+        integrity_dropped_tokens: tokens dropped because a load-back failed or a blob failed on some rank.
+        demotions: blobs whose pool copy was dropped because a verified host copy exists; spills, promotions:
+            host copies made and copied back.
+        drops, dropped_tokens: compressed nodes deleted; compressed_dropped_tokens: tokens that were compressed and
+            dropped without being restored since.
+        redundant_blob_drops: blobs of hot nodes dropped to free their slots; windows_folded: blobs dropped because
+            a child extended their exact recent window.
         revived_tokens: compressed tokens made hot again by an insert of freshly computed KV.
+        failures_compress, failures_evict, failures_load, failures_spill, failures_ack: contained failures per stage
+            (each: nodes dropped or plainly evicted, storage returned, one log line).
+        host_syncs: host syncs counted on the tier's hot path (only with KVTC_SYNC_AUDIT=1).
     """
 
     hot_tokens: int = 0
     compressed_tokens: int = 0
     host_tokens: int = 0
+    hot_blob_tokens: int = 0
     hot_bytes: int = 0
-    store_used_bytes: int = 0
-    store_capacity_bytes: int = 0
-    host_used_bytes: int = 0
-    host_capacity_bytes: int = 0
+    blob_slots: int = 0
+    blob_slot_bytes: int = 0
+    protected_blob_slots: int = 0
     blob_bytes: int = 0
+    tail_waste_bytes: int = 0
     blob_raw_bytes: int = 0
     num_blobs: int = 0
+    host_used_bytes: int = 0
+    host_capacity_bytes: int = 0
+    store_cap_bytes: int = 0
+    effective_ratio: float = 0.0
+    jit_compiles: int = 0
+    policy_restored_fraction: float = 1.0
     compress_count: int = 0
     compress_tokens: int = 0
+    compress_ahead_count: int = 0
+    compress_at_evict_count: int = 0
     compress_seconds: float = 0.0
     decompress_count: int = 0
     decompress_tokens: int = 0
@@ -73,14 +102,32 @@ class KVTCStats:
     integrity_failures: int = 0
     integrity_dropped_tokens: int = 0
     demotions: int = 0
+    spills: int = 0
+    promotions: int = 0
     drops: int = 0
     dropped_tokens: int = 0
+    compressed_dropped_tokens: int = 0
+    redundant_blob_drops: int = 0
+    windows_folded: int = 0
     revived_tokens: int = 0
+    failures_compress: int = 0
+    failures_evict: int = 0
+    failures_load: int = 0
+    failures_spill: int = 0
+    failures_ack: int = 0
+    host_syncs: int = 0
 
-    COUNTERS = ("compress_count", "compress_tokens", "compress_seconds", "decompress_count", "decompress_tokens",
-                "decompress_seconds", "hit_hot_tokens", "hit_compressed_tokens", "hit_host_tokens", "miss_tokens",
-                "evicted_tokens", "deleted_tokens", "integrity_failures", "integrity_dropped_tokens", "demotions",
-                "drops", "dropped_tokens", "revived_tokens")
+    GAUGES = ("hot_tokens", "compressed_tokens", "host_tokens", "hot_blob_tokens", "hot_bytes", "blob_slots",
+              "blob_slot_bytes", "protected_blob_slots", "blob_bytes", "tail_waste_bytes", "blob_raw_bytes",
+              "num_blobs", "host_used_bytes", "host_capacity_bytes", "store_cap_bytes", "effective_ratio",
+              "jit_compiles", "policy_restored_fraction")
+    COUNTERS = ("compress_count", "compress_tokens", "compress_ahead_count", "compress_at_evict_count",
+                "compress_seconds", "decompress_count", "decompress_tokens", "decompress_seconds", "hit_hot_tokens",
+                "hit_compressed_tokens", "hit_host_tokens", "miss_tokens", "evicted_tokens", "deleted_tokens",
+                "integrity_failures", "integrity_dropped_tokens", "demotions", "spills", "promotions", "drops",
+                "dropped_tokens", "compressed_dropped_tokens", "redundant_blob_drops", "windows_folded",
+                "revived_tokens", "failures_compress", "failures_evict", "failures_load", "failures_spill",
+                "failures_ack", "host_syncs")
 
     @property
     def realized_ratio(self) -> float:
@@ -90,6 +137,16 @@ class KVTCStats:
     @property
     def cached_tokens(self) -> int:
         return self.hot_tokens + self.compressed_tokens + self.host_tokens
+
+    @property
+    def compressed_dropped_frac(self) -> float:
+        """Compressed tokens dropped unread / compressed tokens (0.0 before any compression)."""
+        return self.compressed_dropped_tokens / self.compress_tokens if self.compress_tokens else 0.0
+
+    @property
+    def failures(self) -> int:
+        return (self.failures_compress + self.failures_evict + self.failures_load + self.failures_spill
+                + self.failures_ack)
 
     @property
     def hit_rate(self) -> float:
@@ -111,21 +168,25 @@ class KVTCStats:
         out["realized_ratio"] = self.realized_ratio
         out["cached_tokens"] = self.cached_tokens
         out["hit_rate"] = self.hit_rate
+        out["compressed_dropped_frac"] = self.compressed_dropped_frac
+        out["failures"] = self.failures
         return out
 
     def summary_line(self) -> str:
         """One log line: states, store fill, ratio, work done, hits and failures."""
         return (
-            f"KVTC: tokens hot={self.hot_tokens} compressed={self.compressed_tokens} host={self.host_tokens} | "
-            f"store {format_bytes(self.store_used_bytes)}/{format_bytes(self.store_capacity_bytes)}, "
-            f"host {format_bytes(self.host_used_bytes)}/{format_bytes(self.host_capacity_bytes)}, "
-            f"{self.num_blobs} blobs, ratio {self.realized_ratio:.2f}x | "
-            f"compress {self.compress_count} ({self.compress_tokens} tok, {self.compress_seconds:.3f}s), "
+            f"KVTC: tokens hot={self.hot_tokens} (with blob {self.hot_blob_tokens}) compressed={self.compressed_tokens} "
+            f"host={self.host_tokens} | blobs {self.num_blobs} in {self.blob_slots} slots "
+            f"({format_bytes(self.blob_slot_bytes)}, tail waste {format_bytes(self.tail_waste_bytes)}), "
+            f"effective ratio {self.effective_ratio:.2f}x, host {format_bytes(self.host_used_bytes)}/"
+            f"{format_bytes(self.host_capacity_bytes)} | "
+            f"compress {self.compress_count} ({self.compress_tokens} tok, ahead {self.compress_ahead_count}), "
             f"decompress {self.decompress_count} ({self.decompress_tokens} tok, {self.decompress_seconds:.3f}s) | "
             f"hits hot={self.hit_hot_tokens} compressed={self.hit_compressed_tokens} host={self.hit_host_tokens} "
             f"miss={self.miss_tokens} ({self.hit_rate:.1%}) | "
-            f"integrity failures {self.integrity_failures}, demotions {self.demotions}, drops {self.drops}, "
-            f"deleted {self.deleted_tokens} tok"
+            f"integrity failures {self.integrity_failures}, contained failures {self.failures}, drops {self.drops} "
+            f"({self.compressed_dropped_tokens} compressed tok unread), deleted {self.deleted_tokens} tok, "
+            f"jit compiles {self.jit_compiles}, host syncs {self.host_syncs}"
         )
 
 

@@ -30,7 +30,13 @@ SERVER_ARGS_ATTRS = {
     "min_compress_tokens": "kvtc_min_compress_tokens",
     "capture_dir": "kvtc_capture_dir",
     "capture_tokens": "kvtc_capture_tokens",
+    "stats_interval_s": "kvtc_stats_interval",
+    "compress_ahead_watermark": "kvtc_compress_ahead_watermark",
+    "compress_ahead_tokens": "kvtc_compress_ahead_tokens",
+    "verify": "kvtc_verify",
 }
+VERIFY_CHOICES = ("device", "always")
+NO_CAP = ("", "none", "off")
 
 _UNITS = {
     "b": 1,
@@ -105,8 +111,9 @@ class KVTCOptions:
         calibration: path of the calibration artifact (a directory holding ``card.json``, or the card itself);
             made by ``kvtc-sglang calibrate --model <model-path> --out <dir>``. Required with "kvtc".
         ratio: target compression ratio; must name one of the bit plans in the calibration card (e.g. 8, 16, 32, 64).
-        store_budget: size of the compressed store, taken out of the KV pool memory so total GPU memory is unchanged:
-            bytes ("2GiB", "512MB", "1073741824") or a fraction in (0, 1) of the KV memory ("0.25").
+        store_budget: optional cap on the KV-pool memory blobs may hold together: bytes ("2GiB", "512MB",
+            "1073741824") or a fraction in (0, 1) of the KV pool memory ("0.25"); None (default) = no cap, blobs take
+            pool slots as the workload needs them. The pool itself is sized exactly as without the tier.
         host_spill: bytes of pinned host memory for blobs pushed out of the store ("0" disables host spill).
         sink_tokens: leading positions of every sequence that are never compressed (attention sinks).
         window_tokens: most recent tokens at the end of a cached sequence that are never compressed.
@@ -121,12 +128,19 @@ class KVTCOptions:
             finished request (up to ``capture_tokens`` tokens per TP rank) to this directory, for
             ``kvtc-sglang calibrate --kv-dumps <dir>``; no calibration artifact is needed in this mode.
         capture_tokens: tokens to capture per TP rank in capture mode.
+        stats_interval_s: seconds between two stats log lines / Prometheus gauge refreshes.
+        compress_ahead_watermark: pool occupancy (used / total slots, in [0, 1]) from which finished requests' nodes
+            are compressed ahead of eviction (0 = always, 1 = never ahead: only at eviction).
+        compress_ahead_tokens: most tokens encoded ahead per scheduler step.
+        verify: "device" (default: a blob in pool slots is not re-checked before a load; blobs crossing the host
+            boundary are CRC-checked) or "always" (every load-back checks the blob's CRC-32 first, one device sync per
+            load-back: a debugging mode).
     """
 
     kv_compress: str = "none"
     calibration: str | None = None
     ratio: float = 16.0
-    store_budget: str = "0.25"
+    store_budget: str | None = None
     host_spill: str = "0"
     sink_tokens: int = DEFAULT_EXACT.sink_tokens
     window_tokens: int = DEFAULT_EXACT.window_tokens
@@ -134,6 +148,10 @@ class KVTCOptions:
     min_compress_tokens: int = 32
     capture_dir: str | None = None
     capture_tokens: int = 65536
+    stats_interval_s: float = 30.0
+    compress_ahead_watermark: float = 0.75
+    compress_ahead_tokens: int = 32768
+    verify: str = "device"
 
     @property
     def enabled(self) -> bool:
@@ -184,6 +202,15 @@ class KVTCOptions:
         defaults = type(self)()
         return [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
 
+    def store_cap_bytes(self, total_kv_bytes: int | None = None) -> int | None:
+        """The cap on pool bytes held by blobs, or None (no cap). A fraction needs ``total_kv_bytes``."""
+        if self.store_budget is None or self.store_budget.strip().lower() in NO_CAP:
+            return None
+        return parse_bytes(self.store_budget, total_kv_bytes, what="--kvtc-store-budget")
+
+    def host_spill_bytes(self) -> int:
+        return parse_bytes(self.host_spill, what="--kvtc-host-spill", allow_fraction=False)
+
     def validate(self) -> "KVTCOptions":
         """Check every value; raise ValueError naming the CLI flag and the allowed range. Returns self."""
         if self.kv_compress not in KV_COMPRESS_CHOICES:
@@ -199,13 +226,24 @@ class KVTCOptions:
             value = getattr(self, name)
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
-        budget_kind, budget = _parse_size(self.store_budget, "--kvtc-store-budget")
-        if budget_kind == "fraction":
-            if not 0.0 < budget < 1.0:
-                raise ValueError(f"--kvtc-store-budget={self.store_budget!r}: a fraction of the KV pool memory must "
-                                 "be in (0, 1)")
-        elif budget < 1:
-            raise ValueError(f"--kvtc-store-budget={self.store_budget!r}: the compressed store needs a positive size")
+        if self.store_budget is not None and self.store_budget.strip().lower() not in NO_CAP:
+            budget_kind, budget = _parse_size(self.store_budget, "--kvtc-store-budget")
+            if budget_kind == "fraction":
+                if not 0.0 < budget < 1.0:
+                    raise ValueError(f"--kvtc-store-budget={self.store_budget!r}: a fraction of the KV pool memory "
+                                     "must be in (0, 1)")
+            elif budget < 1:
+                raise ValueError(f"--kvtc-store-budget={self.store_budget!r}: a cap on the blobs' pool memory must "
+                                 "be positive (or 'none')")
+        if self.verify not in VERIFY_CHOICES:
+            raise ValueError(f"--kvtc-verify must be one of {', '.join(VERIFY_CHOICES)}, got {self.verify!r}")
+        if not (math.isfinite(self.stats_interval_s) and self.stats_interval_s > 0):
+            raise ValueError(f"--kvtc-stats-interval must be a positive number of seconds, got "
+                             f"{self.stats_interval_s!r}")
+        if not 0.0 <= self.compress_ahead_watermark <= 1.0:
+            raise ValueError(f"--kvtc-compress-ahead-watermark must be in [0, 1], got {self.compress_ahead_watermark}")
+        if self.compress_ahead_tokens < 0:
+            raise ValueError(f"--kvtc-compress-ahead-tokens must be >= 0, got {self.compress_ahead_tokens}")
         parse_bytes(self.host_spill, what="--kvtc-host-spill", allow_fraction=False)
         if self.calibration is not None and not self.calibration.strip():
             raise ValueError("--kvtc-calibration must be a path, got an empty string")
@@ -216,10 +254,14 @@ class KVTCOptions:
 
 def _coerce(name: str, value: Any) -> Any:
     try:
-        if name in ("kv_compress", "entropy"):
+        if name in ("kv_compress", "entropy", "verify"):
             if not isinstance(value, str):
                 raise TypeError
             return value.strip().lower()
+        if name in ("stats_interval_s", "compress_ahead_watermark"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
         if name in ("calibration", "capture_dir"):
             return None if value is None else str(value)
         if name == "ratio":
@@ -227,6 +269,8 @@ def _coerce(name: str, value: Any) -> Any:
                 raise TypeError
             return float(value)
         if name in ("store_budget", "host_spill"):
+            if value is None and name == "store_budget":
+                return None
             if isinstance(value, str):
                 return value.strip()
             if isinstance(value, bool):

@@ -13,22 +13,26 @@ first thing in every scheduler process, then applies the registered hooks. ``reg
 * with the in-tree patch (``kvtc-sglang patch apply``; ServerArgs then declares ``kv_compress`` etc. as fields): adds
   no flags and only validates/selects, in an AFTER hook on ``ServerArgs.__post_init__`` (covers the CLI and
   ``sglang.Engine(kv_compress="kvtc", ...)``);
-* always: an AROUND hook on ``KVCacheConfigurator.config_from_budget`` that, for servers with ``--kv-compress kvtc``
-  (it passes every other call through untouched), shrinks the KV pool by the compressed store's budget so total GPU
-  memory is unchanged, and records the reserved bytes per TP rank (``reserved_store_bytes``). Plugins load before
-  ServerArgs exists, so this hook cannot be registered conditionally; its gate is ``server_args.kv_compress``.
+* always: three scheduler hooks that drive the tier's asynchronous work, each a no-op unless the scheduler's tree
+  cache is a ``KVTCRadixCache`` (plugins load before ServerArgs exists, so they cannot be registered conditionally):
+  an AFTER hook on ``Scheduler.run_batch`` records an event on the forward stream after every launch (the tier's
+  side streams order their KV reads and writes after it); a BEFORE hook on ``Scheduler._get_new_batch_prefill_raw``
+  runs ``tree_cache.step()`` once per iteration (acknowledgements, compression ahead of eviction); an AFTER hook on
+  the same method launches the layer-wise decode of the load-backs when a prefill batch formed and sets the batch's
+  ``hicache_consumer_index`` (SGLang sets it only under --enable-hierarchical-cache). No SGLang source patch.
+
+The pool is sized exactly as without the tier: blobs live in the pool's own slots, ``--kvtc-store-budget`` is only an
+optional cap on them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-from fractions import Fraction
 from typing import Any
 
 from kvtc_sglang import sglang_compat as compat
-from kvtc_sglang.cache.options import ENTROPY_CHOICES, KV_COMPRESS_CHOICES, KVTCOptions, is_fraction, parse_bytes
+from kvtc_sglang.cache.options import ENTROPY_CHOICES, KV_COMPRESS_CHOICES, VERIFY_CHOICES, KVTCOptions
 from kvtc_sglang.cache.startup_checks import (
     BACKEND_NAME,
     attention_tp,
@@ -55,7 +59,9 @@ def register() -> None:
     compat.check_sglang_version()
     _register_backend()
     hooks: list[tuple[str, Any, Any]] = [
-        (compat.TARGET_CONFIG_FROM_BUDGET, _config_from_budget_hook, compat.HookType.AROUND)]
+        (compat.TARGET_RUN_BATCH, _after_run_batch_hook, compat.HookType.AFTER),
+        (compat.TARGET_FORM_PREFILL_BATCH, _before_prefill_batch_hook, compat.HookType.BEFORE),
+        (compat.TARGET_FORM_PREFILL_BATCH, _after_prefill_batch_hook, compat.HookType.AFTER)]
     if compat.server_args_has_field("kv_compress"):
         hooks.append((compat.TARGET_POST_INIT, _post_init_hook, compat.HookType.AFTER))
     else:
@@ -79,14 +85,14 @@ def _register_backend() -> None:
 
 def build_tree_cache(ctx: Any) -> Any:
     """Radix-cache factory of backend ``kvtc`` (``ctx``: SGLang's ``TreeCacheBuildContext``):
-    ``cache.factory.build_tree_cache`` with the store bytes the pool-sizing hook reserved for this rank.
+    ``cache.factory.build_tree_cache``.
 
     The factory (the cache class, sglang's tree) is imported here, when a scheduler builds its cache, not when the
     plugin registers in the launcher."""
     from kvtc_sglang.cache import factory
 
     options = KVTCOptions.from_server_args(ctx.server_args)
-    return factory.build_tree_cache(ctx, options, reserved_store_bytes=reserved_store_bytes(ctx.tp_rank))
+    return factory.build_tree_cache(ctx, options)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -110,8 +116,9 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kvtc-ratio", type=float, default=d.ratio, metavar="RATIO",
                        help="Target compression ratio; one of the bit plans of the calibration card (default 16).")
     group.add_argument("--kvtc-store-budget", type=str, default=d.store_budget, metavar="SIZE",
-                       help="Compressed store size, taken out of the KV pool memory: bytes ('2GiB', '512MB', "
-                            "'1073741824') or a fraction of the KV memory in (0, 1) (default '0.25').")
+                       help="Optional cap on the KV-pool memory compressed blobs may hold: bytes ('2GiB', '512MB', "
+                            "'1073741824') or a fraction of the KV pool memory in (0, 1). Default: no cap (blobs "
+                            "live in the pool's own slots as the workload needs them).")
     group.add_argument("--kvtc-host-spill", type=str, default=d.host_spill, metavar="BYTES",
                        help="Pinned host memory for blobs pushed out of the GPU store, in bytes ('8GiB'); "
                             "'0' (default) drops them instead.")
@@ -125,6 +132,20 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kvtc-min-compress-tokens", type=int, default=d.min_compress_tokens, metavar="N",
                        help=f"Smallest run of compressible tokens turned into a blob; shorter runs are evicted "
                             f"(default {d.min_compress_tokens}).")
+    group.add_argument("--kvtc-stats-interval", type=float, default=d.stats_interval_s, metavar="SECONDS",
+                       help=f"Seconds between two KVTC stats log lines and sglang:kvtc_* gauge refreshes "
+                            f"(default {d.stats_interval_s:g}).")
+    group.add_argument("--kvtc-compress-ahead-watermark", type=float, default=d.compress_ahead_watermark,
+                       metavar="FRACTION",
+                       help=f"KV-pool occupancy from which finished requests' prefixes are compressed ahead of "
+                            f"eviction on a side stream (0 = always, 1 = only at eviction; default "
+                            f"{d.compress_ahead_watermark:g}).")
+    group.add_argument("--kvtc-compress-ahead-tokens", type=int, default=d.compress_ahead_tokens, metavar="N",
+                       help=f"Most tokens compressed ahead per scheduler step (default {d.compress_ahead_tokens}).")
+    group.add_argument("--kvtc-verify", type=str, choices=VERIFY_CHOICES, default=d.verify,
+                       help="'device' (default): blobs in pool slots are not re-checked before a load-back (they never "
+                            "leave HBM); host copies are CRC-checked. 'always': check every blob's CRC-32 before its "
+                            "load-back (one host sync per load-back; for debugging).")
     group.add_argument("--kvtc-capture-dir", type=str, default=d.capture_dir, metavar="DIR",
                        help="Calibration capture mode: write the K/V rows of finished requests to DIR (no "
                             "compression, no calibration needed), then run `kvtc-sglang calibrate --kv-dumps DIR`.")
@@ -173,83 +194,44 @@ def _post_init_hook(_result: Any, server_args: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Memory equalization
+# Scheduler hooks (no-ops unless the scheduler's tree cache is a KVTCRadixCache)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# TP rank -> bytes carved out of the KV pool for the compressed store, written by the pool-sizing hook in each
-# scheduler process (one process per rank; the last sizing pass wins, i.e. the post-CUDA-graph resize when it runs).
-_RESERVED_STORE_BYTES: dict[int, int] = {}
+def _kvtc_cache(scheduler: Any) -> Any:
+    cache = getattr(scheduler, "tree_cache", None)
+    return cache if getattr(cache, "is_kvtc_tier", False) else None
 
 
-def store_bytes_for(options: KVTCOptions, pool_tokens_before: int, kv_bytes_per_token: int) -> tuple[int, int]:
-    """Split a KV budget between the KV pool and the compressed store. Pure.
+def _after_run_batch_hook(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER ``Scheduler.run_batch``: an event on the forward stream after the launch; the tier's side streams wait
+    on it before touching KV slots (CUDA-graph decode writes included)."""
+    cache = _kvtc_cache(scheduler)
+    if cache is not None and cache.transfer.cuda:
+        import torch
 
-    Args:
-        options: its ``store_budget`` is bytes ("2GiB") or a fraction f in (0, 1) of the KV memory ("0.25").
-        pool_tokens_before: token slots the whole budget would buy (before page alignment), >= 0.
-        kv_bytes_per_token: KV bytes of one token slot (all layers, K and V, this rank's heads), > 0.
-
-    Returns:
-        ``(pool_tokens_after, store_bytes)``. A fraction gives ``pool_tokens_after = floor(tokens * (1 - f))`` and the
-        freed slots' bytes to the store; a byte size B gives the pool ``tokens - ceil(B / kv_bytes_per_token)`` and
-        the store exactly B. Either way ``pool_tokens_after * kv_bytes_per_token + store_bytes`` never exceeds the
-        original ``pool_tokens_before * kv_bytes_per_token``.
-
-    Raises:
-        ValueError: bad arguments, or a store budget that leaves the pool without a single token.
-    """
-    if isinstance(pool_tokens_before, bool) or not isinstance(pool_tokens_before, int) or pool_tokens_before < 0:
-        raise ValueError(f"pool_tokens_before must be an integer >= 0, got {pool_tokens_before!r}")
-    if isinstance(kv_bytes_per_token, bool) or not isinstance(kv_bytes_per_token, int) or kv_bytes_per_token <= 0:
-        raise ValueError(f"kv_bytes_per_token must be an integer > 0, got {kv_bytes_per_token!r}")
-    budget = options.store_budget
-    total = pool_tokens_before * kv_bytes_per_token
-    if is_fraction(budget):
-        fraction = Fraction(budget.strip())
-        if not 0 < fraction < 1:
-            raise ValueError(f"--kvtc-store-budget={budget!r}: a fraction of the KV pool memory must be in (0, 1)")
-        tokens_after = math.floor(pool_tokens_before * (1 - fraction))
-        store_bytes = (pool_tokens_before - tokens_after) * kv_bytes_per_token
-    else:
-        store_bytes = parse_bytes(budget, what="--kvtc-store-budget")
-        if store_bytes <= 0:
-            raise ValueError(f"--kvtc-store-budget={budget!r}: the compressed store needs a positive size")
-        tokens_after = pool_tokens_before - (store_bytes + kv_bytes_per_token - 1) // kv_bytes_per_token
-    if tokens_after < 1:
-        raise ValueError(
-            f"--kvtc-store-budget={budget!r} leaves no KV pool: the KV memory is {total} bytes ({pool_tokens_before} "
-            f"tokens of {kv_bytes_per_token} bytes). Give a smaller budget or raise --mem-fraction-static")
-    return tokens_after, store_bytes
+        stream = compat.scheduler_forward_stream(scheduler) or torch.cuda.current_stream()
+        event = torch.cuda.Event()
+        event.record(stream)
+        cache.on_forward_launched(event)
+    return result
 
 
-def record_reserved_store_bytes(tp_rank: int, store_bytes: int) -> None:
-    """Record the compressed-store bytes carved out of TP rank ``tp_rank``'s KV pool."""
-    if store_bytes < 0:
-        raise ValueError(f"store_bytes must be >= 0, got {store_bytes}")
-    _RESERVED_STORE_BYTES[int(tp_rank)] = int(store_bytes)
+def _before_prefill_batch_hook(scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE ``Scheduler._get_new_batch_prefill_raw``: the tier's once-per-iteration poll/launch point."""
+    cache = _kvtc_cache(scheduler)
+    if cache is not None:
+        cache.step()
+    return None
 
 
-def reserved_store_bytes(tp_rank: int) -> int | None:
-    """Bytes the pool-sizing hook reserved for TP rank ``tp_rank``'s store in this process; None if it did not run."""
-    return _RESERVED_STORE_BYTES.get(int(tp_rank))
-
-
-def _config_from_budget_hook(original: Any, configurator: Any, budget_bytes: int, *args: Any, **kwargs: Any) -> Any:
-    """AROUND ``KVCacheConfigurator.config_from_budget``: give the pool (1 - f) of the budget, the store the rest."""
-    options = KVTCOptions.from_server_args(configurator.server_args)
-    if not options.enabled or configurator.is_draft_worker:
-        return original(configurator, budget_bytes, *args, **kwargs)
-    per_token = compat.kv_bytes_per_token(configurator)
-    tokens_before = int(budget_bytes) // per_token
-    # The store comes out of the pool the server would otherwise get: under --max-total-tokens N (or a
-    # cap_tokens clamp) that is N slots, not the whole memory budget.
-    for cap in (getattr(configurator.server_args, "max_total_tokens", None), kwargs.get("cap_tokens")):
-        if cap is not None and int(cap) > 0:
-            tokens_before = min(tokens_before, int(cap))
-    tokens_after, store_bytes = store_bytes_for(options, tokens_before, per_token)
-    config = original(configurator, tokens_after * per_token, *args, **kwargs)
-    record_reserved_store_bytes(configurator.ps.tp_rank, store_bytes)
-    logger.info("KVTC: KV budget %.3f GiB -> pool %d tokens (was %d) + compressed store %.3f GiB (%s)",
-                int(budget_bytes) / 2 ** 30, config.max_total_num_tokens, tokens_before, store_bytes / 2 ** 30,
-                options.store_budget)
-    return config
+def _after_prefill_batch_hook(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER ``Scheduler._get_new_batch_prefill_raw``: when a prefill batch formed, launch the layer-wise decode of
+    the pending load-backs and hand the batch the consumer index its attention layers wait on."""
+    cache = _kvtc_cache(scheduler)
+    if cache is None or not isinstance(result, tuple) or not result or result[0] is None:
+        return result
+    batch = result[0]
+    index = cache.start_loading(getattr(batch, "reqs", None))
+    if index >= 0:
+        batch.hicache_consumer_index = index
+    return result

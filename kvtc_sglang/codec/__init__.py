@@ -14,4 +14,10 @@ Pipeline (per tensor kind K or V, per token):
     x [p] (keys with RoPE undone) -> d = (x - mu) @ basis [r] -> per-group min/max quantization with a
     16-bit shift and 16-bit scale per token per group -> bit packing -> DEFLATE (optional).
 Decoding inverts each step; keys get RoPE re-applied at their absolute positions.
+
+Entry points: `codec.KVTCCodec` (reference codec: tokens <-> framed blob), `dispatch.make_batched_codec` ->
+`triton.batched.BatchedPoolCodec` (the pool codec contract of the compressed tier, protocol
+`interfaces.BatchedCodec`: batched encode into KV-pool rows, layer-wise batched decode, CRC-32
+on the device, no host syncs; PyTorch and Triton routes), `payload_layout.BlobLayout` (where each payload byte
+lives), `triton.pool_rows.PoolRows` (a pool as an addressable row space), `jobs` (the work items).
 """

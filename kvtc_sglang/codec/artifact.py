@@ -380,64 +380,297 @@ def read_card_summary(path: str | os.PathLike, *, model_path: str | None = None)
     return CardSummary.from_card(read_card(path, model_path=model_path), card_path(path), model_path=model_path)
 
 
-def load_artifact(path: str | os.PathLike, tensors_path: str | os.PathLike | None = None) -> CalibrationArtifact:
-    """Load a calibration artifact; the tensor file is checked against the card's sha256."""
-    cp = card_path(path)
-    card = read_card(cp)
-    tp = Path(tensors_path) if tensors_path is not None else cp.parent / card["tensors"]["file"]
+@dataclass(frozen=True)
+class CardModelIdentity:
+    """The identities of the card's model that startup compares with the served model (see
+    ``kvtc_sglang.models.identity``); None where the card does not record one.
+
+    Attributes:
+        fingerprint: architecture fingerprint (64 hex digits), or None (absent, or not a fingerprint: synthetic
+            cards of tests carry labels such as ``"synthetic-l2h2d16"``).
+        tokenizer_digest: 16 hex digits over the vocabulary, or None.
+        weights_signature: the JSON object of layer 0's key/value projection sketch, or None.
+        weights_digest: the exact byte digest of the calibrated weights (informative), or None.
+    """
+
+    fingerprint: str | None
+    tokenizer_digest: str | None
+    weights_signature: Mapping[str, Any] | None
+    weights_digest: str | None
+
+
+def card_model_identity(card: Mapping[str, Any], path: Path, *, model_path: str | None = None) -> CardModelIdentity:
+    """The ``CardModelIdentity`` of card JSON (as ``read_card`` returns it); CalibrationCardError naming the field and
+    the calibrate command if a present field has the wrong type."""
+    hint = calibrate_hint(model_path)
+    model = card.get("model")
+    if not isinstance(model, Mapping):
+        raise CalibrationCardError(f"calibration card {path} is not usable: missing the 'model' object. Make a new "
+                                   f"one with `{hint}`")
+
+    def text(name: str) -> str | None:
+        value = model.get(name)
+        if value is not None and not isinstance(value, str):
+            raise CalibrationCardError(f"calibration card {path} is not usable: model.{name}={value!r} is not a "
+                                       f"string. Make a new one with `{hint}`")
+        return value
+
+    fingerprint, tokenizer, digest = text("fingerprint"), text("tokenizer_digest"), text("weights_digest")
+    signature = model.get("weights_signature")
+    if signature is not None and not isinstance(signature, Mapping):
+        raise CalibrationCardError(f"calibration card {path} is not usable: model.weights_signature is not a JSON "
+                                   f"object. Make a new one with `{hint}`")
+    if fingerprint is not None and not (len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint)):
+        fingerprint = None
+    return CardModelIdentity(fingerprint=fingerprint, tokenizer_digest=tokenizer, weights_signature=signature,
+                             weights_digest=digest)
+
+
+def _checked_int(value: Any, name: str, minimum: int, bad) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise bad(f"{name}={value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _tensor_file(card: Mapping[str, Any], cp: Path, tensors_path, bad, hint: str) -> tuple[Path, str, int]:
+    """The tensor file of a card and the sha256 / size the card records for it (typed errors otherwise)."""
+    entry = card.get("tensors")
+    if not isinstance(entry, Mapping):
+        raise bad("missing the 'tensors' object (file, sha256, bytes)")
+    name, want_sha, want_bytes = entry.get("file"), entry.get("sha256"), entry.get("bytes")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise bad(f"tensors.file={name!r} is not a file name inside the artifact directory")
+    if not (isinstance(want_sha, str) and len(want_sha) == 64 and all(c in "0123456789abcdef" for c in want_sha)):
+        raise bad(f"tensors.sha256={want_sha!r} is not the 64-hex-digit sha256 of the tensor file")
+    _checked_int(want_bytes, "tensors.bytes", 1, bad)
+    tp = Path(tensors_path) if tensors_path is not None else cp.parent / name
     if not tp.is_file():
         raise CalibrationMismatchError(
-            f"calibration tensors {tp} are missing (they are generated, not shipped); "
-            f"regenerate them with `kvtc-sglang calibrate --model <model> --out {cp.parent}`"
-        )
-    want = card["tensors"].get("sha256")
-    if want and _sha256_file(tp) != want:
-        raise CalibrationMismatchError(f"calibration tensors {tp} do not match the card's sha256 (stale or corrupted); recalibrate")
-    t = torch.load(tp, map_location="cpu", weights_only=True)
+            f"calibration tensors {tp} are missing (they are generated, not shipped); regenerate them with `{hint}` "
+            f"(--out {cp.parent})")
+    return tp, want_sha, want_bytes
+
+
+def verify_tensor_file(path: str | os.PathLike, *, model_path: str | None = None) -> Path:
+    """Check an artifact's tensor file against its card without loading it: present, of the recorded size and
+    sha256. Returns the tensor file's path; CalibrationCardError / CalibrationMismatchError naming the fix."""
+    cp = card_path(path)
+    card = read_card(cp, model_path=model_path)
+    hint = calibrate_hint(model_path)
+
+    def bad(what: str) -> CalibrationCardError:
+        return CalibrationCardError(f"calibration card {cp} is not usable: {what}. Make a new one with `{hint}`")
+
+    tp, want_sha, want_bytes = _tensor_file(card, cp, None, bad, hint)
+    _check_file_digest(tp, want_sha, want_bytes, hint)
+    return tp
+
+
+def _check_file_digest(tp: Path, want_sha: str, want_bytes: int, hint: str) -> None:
+    size = tp.stat().st_size
+    if size != want_bytes:
+        raise CalibrationMismatchError(f"calibration tensors {tp} hold {size} bytes, the card records {want_bytes} "
+                                       f"(truncated, or from another calibration); recalibrate with `{hint}`")
+    if _sha256_file(tp) != want_sha:
+        raise CalibrationMismatchError(f"calibration tensors {tp} do not match the card's sha256 (stale or "
+                                       f"corrupted); recalibrate with `{hint}`")
+
+
+def _read_tensors(tp: Path, hint: str) -> dict[str, torch.Tensor]:
+    try:
+        t = torch.load(tp, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises pickle, zip, EOF or runtime errors
+        raise CalibrationMismatchError(f"calibration tensors {tp} cannot be read ({type(exc).__name__}: {exc}); "
+                                       f"recalibrate with `{hint}`") from exc
+    if not isinstance(t, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in t.items()):
+        raise CalibrationMismatchError(f"calibration tensors {tp} are not a dict of named tensors; recalibrate with "
+                                       f"`{hint}`")
+    return t
+
+
+def _block_tensors(t: Mapping[str, torch.Tensor], kind: str, i: int, bd: Mapping[str, Any], tp: Path, hint: str):
+    """mean, basis, scale of one block, checked against the card: present, shapes, floating, finite, scale > 0."""
+    def bad(what: str) -> CalibrationMismatchError:
+        return CalibrationMismatchError(f"calibration tensors {tp}: {kind} block {i} {what}; recalibrate with "
+                                        f"`{hint}`")
+
+    names = {part: f"{kind}.{i}.{part}" for part in ("mean", "basis", "scale")}
+    missing = [n for part, n in names.items() if part != "scale" and n not in t]
+    if missing:
+        raise bad(f"has no tensor {', '.join(missing)}")
+    mean, basis, scale = t[names["mean"]], t[names["basis"]], t.get(names["scale"])
+    p, rank = bd["p"], bd["rank"]
+    if mean.shape != (p,) or basis.shape != (p, rank) or (scale is not None and scale.shape != (p,)):
+        raise bad(f"tensor shapes disagree with the card (mean {tuple(mean.shape)}, basis {tuple(basis.shape)}"
+                  f"{'' if scale is None else f', scale {tuple(scale.shape)}'}; the card says p={p}, rank={rank})")
+    for part, x in (("mean", mean), ("basis", basis), ("scale", scale)):
+        if x is None:
+            continue
+        if not x.is_floating_point():
+            raise bad(f"{part} has dtype {x.dtype}, not a floating type")
+        if not bool(torch.isfinite(x).all()):
+            raise bad(f"{part} holds {int((~torch.isfinite(x)).sum())} NaN/Inf values")
+    if scale is not None and not bool((scale > 0).all()):
+        raise bad("has non-positive feature scales")
+    return mean.float(), basis, scale
+
+
+def _blocks_layout(card: Mapping[str, Any], summary: CardSummary, bad) -> dict[str, list[dict]]:
+    """The per-kind block list of the card, checked: ints, layers tiling [0, L), offsets tiling [0, p)."""
+    kinds = card.get("kinds")
+    if not isinstance(kinds, Mapping):
+        raise bad("missing the 'kinds' object (feature blocks of k and v)")
+    per_layer = summary.num_kv_heads_per_rank * summary.head_dim
+    out = {}
+    for kind in KINDS:
+        entry = kinds.get(kind)
+        blocks = entry.get("blocks") if isinstance(entry, Mapping) else None
+        if not isinstance(blocks, list) or not blocks:
+            raise bad(f"kinds.{kind}.blocks is not a non-empty list")
+        layer, offset, parsed = 0, 0, []
+        for i, bd in enumerate(blocks):
+            where = f"kinds.{kind}.blocks[{i}]"
+            if not isinstance(bd, Mapping):
+                raise bad(f"{where} is not an object")
+            layers = bd.get("layers")
+            if not (isinstance(layers, list) and len(layers) == 2):
+                raise bad(f"{where}.layers={layers!r} is not [first, end)")
+            first, last = (_checked_int(x, f"{where}.layers", 0, bad) for x in layers)
+            p = _checked_int(bd.get("p"), f"{where}.p", 1, bad)
+            rank = _checked_int(bd.get("rank"), f"{where}.rank", 1, bad)
+            off = _checked_int(bd.get("offset"), f"{where}.offset", 0, bad)
+            if first != layer or last <= first or off != offset or p != (last - first) * per_layer or rank > p:
+                raise bad(f"{where} (layers {layers}, offset {off}, p {p}, rank {rank}) does not continue the "
+                          f"blocks before it (next layer {layer}, offset {offset}, {per_layer} features per layer, "
+                          f"rank <= p)")
+            layer, offset = last, off + p
+            parsed.append({"layers": [first, last], "offset": off, "p": p, "rank": rank})
+        if layer != summary.num_layers:
+            raise bad(f"kinds.{kind}.blocks cover layers [0, {layer}), the model has {summary.num_layers}")
+        out[kind] = parsed
+    p_card = card.get("p")
+    if p_card is not None and p_card != offset:
+        raise bad(f"p={p_card!r} but the blocks cover {offset} features per kind")
+    return out
+
+
+def _plan_of(d: Any, where: str, block_p: int, bad) -> BitPlan:
+    """BitPlan.from_dict with every field checked first (no loop over an absurd group count)."""
+    if not isinstance(d, Mapping):
+        raise bad(f"{where} is not an object")
+    runs = d.get("runs")
+    if not isinstance(runs, list):
+        raise bad(f"{where}.runs is not a list")
+    p = _checked_int(d.get("p"), f"{where}.p", 1, bad)
+    if p != block_p:
+        raise bad(f"{where}.p={p} but its block has p={block_p}")
+    for j, run in enumerate(runs):
+        if not (isinstance(run, list) and len(run) == 4):
+            raise bad(f"{where}.runs[{j}]={run!r} is not [start, size, bits, count]")
+        start, size, bits, count = (_checked_int(x, f"{where}.runs[{j}]", 0, bad) for x in run)
+        if size not in GROUP_SIZES or bits not in GROUP_BITS or bits == 0 or count < 1 or start + size * count > p:
+            raise bad(f"{where}.runs[{j}]={run!r}: size must be one of {list(GROUP_SIZES)}, bits one of 2/4/8, "
+                      f"count >= 1 and the groups within p={p}")
+    ratio = d.get("target_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise bad(f"{where}.target_ratio={ratio!r} is not a positive number")
+    return BitPlan.from_dict(dict(d))
+
+
+def load_artifact(path: str | os.PathLike, tensors_path: str | os.PathLike | None = None, *,
+                  model_path: str | None = None) -> CalibrationArtifact:
+    """Load a calibration artifact, checking all of it: the card's fields (types, block layout, plans), the tensor
+    file's size and sha256 against the card, the tensors (present, shapes, finite, positive scales) and that every
+    plan fits its basis.
+
+    Raises CalibrationCardError (a malformed card) or CalibrationMismatchError (missing, stale, corrupted or
+    non-finite tensors; plans that do not fit), each naming the calibrate command (with ``model_path`` when given);
+    never a raw KeyError/ValueError/TypeError.
+    """
+    cp = card_path(path)
+    card = read_card(cp, model_path=model_path)
+    hint = calibrate_hint(model_path)
+
+    def bad(what: str) -> CalibrationCardError:
+        return CalibrationCardError(f"calibration card {cp} is not usable: {what}. Make a new one with `{hint}`")
+
+    try:
+        return _load_checked(card, cp, tensors_path, bad, hint, model_path)
+    except CalibrationMismatchError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise bad(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load_checked(card: Mapping[str, Any], cp: Path, tensors_path, bad, hint: str,
+                  model_path: str | None) -> CalibrationArtifact:
+    summary = CardSummary.from_card(card, cp, model_path=model_path)
+    card_model_identity(card, cp, model_path=model_path)
+    layout = _blocks_layout(card, summary, bad)
+    sink = _checked_int(card.get("sink_tokens", DEFAULT_EXACT.sink_tokens), "sink_tokens", 0, bad)
+    window = _checked_int(card.get("window_tokens", DEFAULT_EXACT.window_tokens), "window_tokens", 0, bad)
+    plans: dict[int, RatioPlans] = {}
+    for key, pd in card["plans"].items():
+        try:
+            ratio = int(str(key))
+        except ValueError:
+            raise bad(f"plan key {key!r} is not an integer compression ratio") from None
+        if ratio < 1 or not isinstance(pd, Mapping):
+            raise bad(f"plans[{key!r}] is not an object keyed by a ratio >= 1")
+        per_kind = {}
+        for kind in KINDS:
+            entries = pd.get(kind)
+            if not isinstance(entries, list) or len(entries) != len(layout[kind]):
+                raise bad(f"plans[{key!r}].{kind} is not a list of one plan per {kind} block "
+                          f"({len(layout[kind])})")
+            per_kind[kind] = tuple(_plan_of(d, f"plans[{key!r}].{kind}[{b}]", layout[kind][b]["p"], bad)
+                                   for b, d in enumerate(entries))
+        plans[ratio] = RatioPlans(ratio, per_kind["k"], per_kind["v"])
+    clip: dict[str, dict[tuple[int, int], float]] = {}
+    quantizer = card.get("quantizer", {})
+    tables = quantizer.get("clip", {}) if isinstance(quantizer, Mapping) else None
+    if not isinstance(tables, Mapping):
+        raise bad("quantizer.clip is not an object")
+    for kind, tab in tables.items():
+        if kind not in KINDS or not isinstance(tab, Mapping):
+            raise bad(f"quantizer.clip.{kind} is not a table of a kind k/v")
+        clip[kind] = {}
+        for key, c in tab.items():
+            parts = str(key).split("x")
+            if len(parts) != 2 or not all(x.isdigit() for x in parts):
+                raise bad(f"quantizer.clip.{kind} key {key!r} is not SIZExBITS")
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0 <= c < 1e6):
+                raise CalibrationMismatchError(f"invalid clip factor {c!r} for {kind} {key} in {cp}; recalibrate "
+                                               f"with `{hint}`")
+            clip[kind][(int(parts[0]), int(parts[1]))] = float(c)
+    calibration = card.get("calibration", {})
+    if not isinstance(calibration, Mapping):
+        raise bad("calibration is not an object")
+
+    tp, want_sha, want_bytes = _tensor_file(card, cp, tensors_path, bad, hint)
+    _check_file_digest(tp, want_sha, want_bytes, hint)
+    t = _read_tensors(tp, hint)
     blocks: dict[str, list[FeatureBlock]] = {}
     for kind in KINDS:
         blocks[kind] = []
-        for i, bd in enumerate(card["kinds"][kind]["blocks"]):
-            mean, basis = t[f"{kind}.{i}.mean"], t[f"{kind}.{i}.basis"]
-            scale = t.get(f"{kind}.{i}.scale")
-            if mean.shape != (bd["p"],) or basis.shape != (bd["p"], bd["rank"]) or (scale is not None and scale.shape != (bd["p"],)):
-                raise CalibrationMismatchError(f"tensor shapes of {kind} block {i} disagree with the card")
-            if scale is not None and not bool((scale > 0).all() and torch.isfinite(scale).all()):
-                raise CalibrationMismatchError(f"{kind} block {i} has non-positive feature scales")
-            blocks[kind].append(FeatureBlock(bd["layers"][0], bd["layers"][1], bd["offset"], bd["p"], mean.float(), basis, scale))
-    plans = {}
-    for r, pd in card["plans"].items():
-        plans[int(r)] = RatioPlans(
-            int(r),
-            tuple(BitPlan.from_dict(d) for d in pd["k"]),
-            tuple(BitPlan.from_dict(d) for d in pd["v"]),
-        )
-    clip = {}
-    for kind, tab in card.get("quantizer", {}).get("clip", {}).items():
-        clip[kind] = {}
-        for key, c in tab.items():
-            size, bits = (int(x) for x in key.split("x"))
-            if not (c >= 0 and c < 1e6):
-                raise CalibrationMismatchError(f"invalid clip factor {c!r} for {kind} {key}")
-            clip[kind][(size, bits)] = float(c)
+        for i, bd in enumerate(layout[kind]):
+            mean, basis, scale = _block_tensors(t, kind, i, bd, tp, hint)
+            blocks[kind].append(FeatureBlock(bd["layers"][0], bd["layers"][1], bd["offset"], bd["p"], mean, basis,
+                                             scale))
     known = {"format_version", "model", "tp_size", "tp_rank", "sink_tokens", "window_tokens", "p",
              "quantizer", "kinds", "plans", "artifact_id", "calibration", "tensors"}
     art = CalibrationArtifact(
-        model=card["model"], blocks=blocks, plans=plans, tp_size=card.get("tp_size", 1),
-        tp_rank=card.get("tp_rank", 0), sink_tokens=card.get("sink_tokens", DEFAULT_EXACT.sink_tokens),
-        window_tokens=card.get("window_tokens", DEFAULT_EXACT.window_tokens), calibration=card.get("calibration", {}),
-        extra={k: v for k, v in card.items() if k not in known},
-        clip=clip,
+        model=dict(card["model"]), blocks=blocks, plans=plans, tp_size=summary.tp_size, tp_rank=summary.tp_rank,
+        sink_tokens=sink, window_tokens=window, calibration=dict(calibration),
+        extra={k: v for k, v in card.items() if k not in known}, clip=clip,
     )
     for rp in plans.values():
         for kind in KINDS:
-            if len(rp.for_kind(kind)) != len(blocks[kind]):
-                raise CalibrationMismatchError(f"ratio {rp.ratio}: {kind} has {len(blocks[kind])} blocks but {len(rp.for_kind(kind))} plans")
             for b, pl in zip(blocks[kind], rp.for_kind(kind)):
-                if pl.rank > b.basis.shape[1] or pl.p != b.p:
+                if pl.rank > b.basis.shape[1]:
                     raise CalibrationMismatchError(
-                        f"ratio {rp.ratio}: a {kind} plan needs rank {pl.rank} of p={pl.p}, the basis is [{b.p}, {b.basis.shape[1]}]"
-                    )
+                        f"ratio {rp.ratio}: a {kind} plan needs rank {pl.rank} of p={pl.p}, the basis is "
+                        f"[{b.p}, {b.basis.shape[1]}] ({cp}); recalibrate with `{hint}`")
     return art
 
 

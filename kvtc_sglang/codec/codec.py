@@ -11,7 +11,7 @@ features are the row-major flattening [n, p], p = L*H*D.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -83,15 +83,6 @@ class KVTCCodec:
         """Bytes of the raw payload of ``n_tokens`` tokens, ``n_exact`` of them exact rows of ``exact_dtype``."""
         return self.payload_layout(n_exact, 0, n_tokens - n_exact, exact_dtype).raw_size
 
-    def header(self, exact_dtype: torch.dtype, coder: int, n: int, start_pos: int, n_head: int, n_tail: int,
-               raw_size: int, n_chunks: int, data_size: int = 0) -> blobfmt.BlobHeader:
-        """The header of a blob of this codec (fingerprint, plan) over a raw payload of ``raw_size`` bytes."""
-        return blobfmt.BlobHeader(
-            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
-            coder=coder, n_tokens=n, start_pos=int(start_pos), n_head=n_head, n_tail=n_tail,
-            chunk_bytes=self.chunk_bytes, n_chunks=n_chunks, raw_size=raw_size, data_size=data_size,
-        )
-
     # ------------------------------------------------------------------ encode
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> int:
         if k.shape != v.shape or k.dim() != 4 or tuple(k.shape[1:]) != self.shape:
@@ -103,15 +94,16 @@ class KVTCCodec:
         return k.shape[0]
 
     def encode(self, k: torch.Tensor, v: torch.Tensor, start_pos: int, n_head: int = 0, n_tail: int = 0,
-               coded_view: torch.dtype | None = None) -> torch.Tensor:
+               coded_view: torch.dtype | None = None, token_ids=None) -> torch.Tensor:
         """Compress a run of tokens at positions [start_pos, start_pos + n).
 
         Args:
             k, v: [n, L, H, D] keys (post-RoPE, as the pool stores them) and values, pool dtype.
             n_head, n_tail: leading / trailing tokens stored exact.
             coded_view: for uint8 (fp8-storage) rows, the fp8 dtype to read coded rows as.
+            token_ids: the run's n token ids (host ints); their hash is bound into the header.
         Returns:
-            blob: 1-D uint8 tensor on the codec's device.
+            blob: 1-D uint8 tensor on the codec's device (format version 2, blob.py).
         """
         n = self._check_kv(k, v)
         if n_head < 0 or n_tail < 0 or n_head + n_tail > n:
@@ -135,14 +127,35 @@ class KVTCCodec:
             parts.append(self.kinds["k"].encode(kx))
             parts.append(self.kinds["v"].encode(vx))
         payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device)
-        return self.frame(payload, k.dtype, n, start_pos, n_head, n_tail)
+        return self.frame(payload, k.dtype, n, start_pos, n_head, n_tail, token_ids=token_ids)
+
+    def header(self, exact_dtype: torch.dtype, coder: int, n: int, start_pos: int, n_head: int, n_tail: int,
+               raw_size: int, n_chunks: int = 0, data_size: int | None = None, token_ids=None) -> blobfmt.BlobHeader:
+        """The (format 2) header of a blob of this codec (fingerprint, plan) over a raw payload of ``raw_size`` bytes;
+        ``token_ids`` (host ints), when given, are bound into it (`blob.token_hash`). `blob.frame`/`assemble` fill in
+        sizes and the CRC."""
+        return blobfmt.BlobHeader(
+            fingerprint=self.fingerprint, ratio=self.ratio, exact_dtype=blobfmt.EXACT_DTYPES[exact_dtype],
+            coder=int(coder), n_tokens=n, start_pos=int(start_pos), n_head=n_head, n_tail=n_tail,
+            chunk_bytes=self.chunk_bytes, n_chunks=n_chunks, raw_size=raw_size,
+            data_size=raw_size if data_size is None else data_size,
+            token_hash=blobfmt.token_hash(token_ids) if token_ids is not None else 0,
+            flags=blobfmt.FLAG_TOKENS_BOUND if token_ids is not None else 0,
+        )
 
     def frame(self, payload: torch.Tensor, exact_dtype: torch.dtype, n: int, start_pos: int, n_head: int,
-              n_tail: int) -> torch.Tensor:
-        """Entropy stage + header + chunk table + checksum around a raw payload (1-D uint8) -> blob.
+              n_tail: int, *, token_ids=None, payload_crc=None) -> torch.Tensor:
+        """Header (+ entropy stage and chunk table when a coder is used) + CRC-32 around a raw payload -> blob.
 
-        Chunks that do not shrink are stored as they are.
+        With no entropy coder the blob is the header followed by the payload (one copy, no per-chunk work, no
+        host sync); otherwise chunks that do not shrink are stored as they are.
         """
+        if token_ids is not None and len(token_ids) != n:
+            raise ShapeError(f"{len(token_ids)} token ids for a run of {n} tokens")
+        header = self.header(exact_dtype, EntropyCoderId.NONE, n, start_pos, n_head, n_tail, payload.numel(),
+                             token_ids=token_ids)
+        if self.coder.name == "none":
+            return blobfmt.frame(header, payload, payload_crc)
         chunks = split_chunks(payload, self.chunk_bytes)
         comp = self.coder.compress(chunks)
         stored, flags = [], []
@@ -150,13 +163,15 @@ class KVTCCodec:
             use_raw = c.numel() >= raw.numel()
             stored.append(raw if use_raw else c)
             flags.append(use_raw)
-        header = self.header(exact_dtype, EntropyCoderId.of(self.coder.name), n, start_pos, n_head, n_tail,
-                             payload.numel(), len(stored))
-        return blobfmt.assemble(header, stored, flags)
+        return blobfmt.assemble(replace(header, coder=EntropyCoderId.of(self.coder.name)), stored, flags)
 
     # ------------------------------------------------------------------ decode
-    def read_header(self, blob: torch.Tensor, expected_tokens: int | None = None, expected_start: int | None = None) -> blobfmt.BlobHeader:
-        """Parse, verify (checksum) and check a blob against this codec and the caller's expectations."""
+    def read_header(self, blob: torch.Tensor, expected_tokens: int | None = None, expected_start: int | None = None,
+                    expected_token_ids=None) -> blobfmt.BlobHeader:
+        """Parse, verify (CRC-32) and check a blob against this codec and the caller's expectations.
+
+        expected_token_ids: the token ids the caller restores; the blob must be bound to exactly these.
+        """
         h = blobfmt.read_header(blob)
         if h.fingerprint != self.fingerprint:
             raise BlobFormatError("blob was encoded with another calibration artifact (fingerprint mismatch)")
@@ -169,7 +184,12 @@ class KVTCCodec:
         want_raw = self.header_layout(h).raw_size
         if h.raw_size != want_raw:
             raise BlobFormatError(f"blob payload is {h.raw_size} bytes, {want_raw} expected for its token counts")
-        blobfmt.verify_checksum(blob, h)
+        blobfmt.verify_crc(blob, h)
+        if expected_token_ids is not None:
+            if not h.tokens_bound:
+                raise BlobFormatError("blob is not bound to token ids, caller expects specific tokens")
+            if len(expected_token_ids) != h.n_tokens or blobfmt.token_hash(expected_token_ids) != h.token_hash:
+                raise BlobFormatError("blob was made from other token ids than the caller restores")
         return h
 
     def _coder_for(self, coder_id: int) -> EntropyCoder:
@@ -182,7 +202,10 @@ class KVTCCodec:
         return NoEntropy() if coder == EntropyCoderId.NONE else get_entropy_coder(coder.coder_name, self.device)
 
     def payload(self, blob: torch.Tensor, h: blobfmt.BlobHeader) -> torch.Tensor:
-        """Inflate the chunks of a verified blob into its raw payload (1-D uint8)."""
+        """The raw payload (1-D uint8) of a verified blob: a view of an uncoded blob's data (no copy), or the
+        inflated chunks of an entropy-coded one."""
+        if h.coder == 0:
+            return blob[h.data_offset :]
         table = blobfmt.chunk_table(blob, h)
         sizes = [min(h.chunk_bytes, h.raw_size - i * h.chunk_bytes) for i in range(h.n_chunks)]
         coded = [(i, blob[o : o + s]) for i, (o, s, raw) in enumerate(table) if not raw]
@@ -206,6 +229,7 @@ class KVTCCodec:
         expected_start: int | None = None,
         token_range: tuple[int, int] | None = None,
         out_dtype: torch.dtype | None = None,
+        expected_token_ids=None,
     ) -> DecodedKV:
         """Decompress a blob (or the tokens [a, b) of it) back to K/V.
 
@@ -213,7 +237,7 @@ class KVTCCodec:
         from). Exact tokens come back bit-identical; raises BlobFormatError on any inconsistency.
         """
         blob = blob.to(self.device)
-        h = self.read_header(blob, expected_tokens, expected_start)
+        h = self.read_header(blob, expected_tokens, expected_start, expected_token_ids)
         a, b = token_range if token_range is not None else (0, h.n_tokens)
         if not (0 <= a <= b <= h.n_tokens):
             raise ShapeError(f"token range [{a}, {b}) outside a run of {h.n_tokens} tokens")
@@ -224,7 +248,10 @@ class KVTCCodec:
         payload = self.payload(blob, h)
         L, H, D = self.shape
         layout = self.header_layout(h)
-        exact = layout.exact_rows(payload, self.shape)
+        ex_src = payload
+        if payload.storage_offset() % exact_dtype.itemsize:  # a blob view at an odd offset: realign the exact rows
+            ex_src = payload[: layout.exact_bytes].clone()
+        exact = layout.exact_rows(ex_src, self.shape)
         if exact is not None and exact_dtype != out_dtype:
             if exact_dtype == torch.uint8:
                 if out_dtype.itemsize != 1:

@@ -1,5 +1,9 @@
 """Choosing a pool codec: the fused Triton kernels where they run, the PyTorch reference elsewhere.
 
+    make_pool_codec     the per-node codec (encode_slots / decode_into: a node <-> a framed blob)
+    make_batched_codec  the compressed tier's codec contract (codec.triton.batched.BatchedPoolCodec, protocol
+                        codec.interfaces.BatchedCodec): batched encode into pool rows, layer-wise batched decode
+
 The one codec module that reaches into ``codec.triton`` (lazily, so importing the codec never imports Triton).
 """
 
@@ -24,3 +28,16 @@ def make_pool_codec(codec: KVTCCodec, kv_dtype: torch.dtype | None = None) -> Po
 
             return TritonPoolCodec(codec, kv_dtype=kv_dtype)
     return ReferencePoolCodec(codec, kv_dtype=kv_dtype)
+
+
+def make_batched_codec(codec: KVTCCodec, store_dtype: torch.dtype, kv_dtype: torch.dtype | None = None, *,
+                       reference: bool | None = None, chunk_tokens: int = 4096, decode_chunk_tokens: int = 8192):
+    """The batched pool codec (``BatchedCodec``) of one pool dtype: Triton kernels where they run (CUDA, or the CPU
+    interpreter), unless ``reference`` / KVTC_REFERENCE=1 asks for the PyTorch route, which runs everywhere.
+
+    store_dtype: the pool buffers' dtype (bf16/fp16/fp32, or uint8 for fp8 storage with ``kv_dtype`` its fp8 dtype).
+    """
+    from kvtc_sglang.codec.triton.batched import BatchedPoolCodec
+
+    return BatchedPoolCodec(codec, store_dtype, kv_dtype, reference=reference, chunk_tokens=chunk_tokens,
+                            decode_chunk_tokens=decode_chunk_tokens)

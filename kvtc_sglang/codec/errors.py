@@ -6,7 +6,7 @@ class KVTCError(Exception):
 
 
 class BlobFormatError(KVTCError):
-    """A compressed blob is truncated, corrupted (checksum mismatch) or not a KVTC blob."""
+    """A compressed blob is truncated, corrupted (CRC-32 mismatch) or not a KVTC blob."""
 
 
 class CalibrationMismatchError(KVTCError):

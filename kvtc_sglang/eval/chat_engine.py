@@ -113,13 +113,16 @@ class MiniEngine:
         model: a transformers causal LM (eager attention; its parameter dtype is the compute dtype).
         tokenizer: its tokenizer, with a chat template.
         tree_cache: an sglang tree cache built over ``allocator`` with a ``req_to_token_pool``.
+        kv_round_dtype: round every KV row through this dtype before it is stored (``torch.float8_e4m3fn``: what
+            ``--kv-cache-dtype fp8_e4m3`` keeps, with SGLang's default scale of 1.0); None stores the pool dtype.
         pool: the ``MHATokenToKVPool`` behind ``allocator`` (shape must match the model: [L] x [size + 1, H, D]).
         allocator: the pool's token allocator.
         stop_token_ids: tokens that end an answer; default the tokenizer's ``<|im_end|>`` and eos ids.
     """
 
     def __init__(self, model: Any, tokenizer: Any, tree_cache: Any, pool: Any, allocator: Any,
-                 stop_token_ids: Sequence[int] | None = None):
+                 stop_token_ids: Sequence[int] | None = None, kv_round_dtype: torch.dtype | None = None):
+        self.kv_round_dtype = kv_round_dtype  # e.g. torch.float8_e4m3fn: KV stored as an fp8 cache would hold it
         self.model, self.tokenizer = model, tokenizer
         self.tree_cache, self.pool, self.allocator = tree_cache, pool, allocator
         self.req_to_token_pool = tree_cache.req_to_token_pool
@@ -140,8 +143,16 @@ class MiniEngine:
         return [int(i) for i in ids]
 
     # --- slots ----------------------------------------------------------------------------------------------------
+    def _scheduler_step(self) -> None:
+        """What SGLang's scheduler runs once per iteration before forming a batch (a compressed tier acknowledges
+        finished work and compresses ahead there); every forward here stands for one iteration."""
+        step = getattr(self.tree_cache, "step", None)
+        if step is not None:
+            step()
+
     def _alloc(self, n: int, stats: ChatStats) -> torch.Tensor:
         """``n`` slots, evicting the shortfall first (``alloc_for_extend``/``alloc_for_decode`` on page size 1)."""
+        self._scheduler_step()
         available = self.allocator.available_size()
         if available < n:
             stats.evict_requested_tokens += n - available
@@ -171,7 +182,10 @@ class MiniEngine:
                 for src, buf in ((layer.keys, self.pool.k_buffer[layer_id]),
                                  (layer.values, self.pool.v_buffer[layer_id])):
                     new = src[0, :, -m:, :]  # [H, m, D]
-                    buf[slots] = new.transpose(0, 1).to(buf.dtype)
+                    rows = new.transpose(0, 1)
+                    if self.kv_round_dtype is not None:  # per-tensor scale 1.0, as SGLang's default fp8 KV cache
+                        rows = rows.to(self.kv_round_dtype)
+                    buf[slots] = rows.to(buf.dtype)
                     new.copy_(buf[slots].transpose(0, 1).to(src.dtype))
 
     # --- one request ----------------------------------------------------------------------------------------------
@@ -202,7 +216,9 @@ class MiniEngine:
         if self.req_to_token_pool.alloc([req]) is None:
             raise RuntimeError("no free request row")
 
-        # match, load back, lock (Req.init_next_round_input + PrefillAdder.add_one_req)
+        # the scheduler step (a compressed tier acknowledges work and compresses ahead here), then match, load back,
+        # lock (Req.init_next_round_input + PrefillAdder.add_one_req)
+        self._scheduler_step()
         key = compat.RadixKey(array("q", ids), limit=len(ids) - 1)
         match = cache_tree.match_prefix(compat.MatchPrefixParams(key=key, req=req))
         prefix, req.last_node = match.device_indices, match.last_device_node
@@ -216,6 +232,9 @@ class MiniEngine:
                     best_match_node=match.best_match_node, host_hit_length=match.host_hit_length, req=req))
             finally:
                 cache_tree.dec_lock_ref(lock_node)
+            start_loading = getattr(cache_tree, "start_loading", None)
+            if start_loading is not None:  # the batch formed: the layer-wise decode runs (inline on the CPU)
+                start_loading([req])
             prefix = torch.cat([prefix, new])
             stats.loaded_back_tokens = len(new)
             stats.load_back_s = time.perf_counter() - t0

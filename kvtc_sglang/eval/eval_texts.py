@@ -77,14 +77,15 @@ def prose_text(tokenizer, data_dir: Path | None = None) -> EvalText:
 
 def code_source() -> str:
     """The code text: CODE_FILES of the installed sglang, each after a ``# file: PATH`` line."""
-    import importlib.metadata
+    from kvtc_sglang.sglang_compat import installed_sglang_site_packages, installed_sglang_version
 
-    version = importlib.metadata.version("sglang")
+    version = installed_sglang_version()
+    site_packages = installed_sglang_site_packages()
+    if version is None or site_packages is None:
+        raise RuntimeError(f"the code evaluation text is sglang {SGLANG_VERSION}'s source; sglang is not installed")
     if version != SGLANG_VERSION:
         raise RuntimeError(f"the code evaluation text is sglang {SGLANG_VERSION}'s source; sglang {version} is installed")
-    import sglang
-
-    base = Path(sglang.__file__).resolve().parent
+    base = site_packages / "sglang"
     return "".join(f"# file: sglang/{rel}\n" + (base / rel).read_text(encoding="utf-8") + "\n" for rel in CODE_FILES)
 
 

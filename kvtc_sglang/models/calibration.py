@@ -23,6 +23,13 @@ import torch
 from kvtc_sglang.codec.artifact import CalibrationArtifact, load_artifact, rank_dir_name
 from kvtc_sglang.codec.calibrate import CalibrationSettings, calibrate, windows_from_ids
 from kvtc_sglang.codec.errors import CalibrationMismatchError
+from kvtc_sglang.models.identity import (
+    CAPTURE_IDENTITY_FILE,
+    ModelIdentityError,
+    hf_model_signature,
+    signature_problem,
+    tokenizer_digest,
+)
 from kvtc_sglang.models.kv_capture import ModelKVSpec, capture_kv, weights_digest
 
 DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
@@ -33,6 +40,32 @@ WEIGHTINGS = ("fisher", "none")
 
 class CalibrationInputError(ValueError):
     """The calibration input (corpus, captured KV, model config) cannot produce an artifact; the message says why."""
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Make sure an artifact can be written at ``out_dir`` before any calibration work: it is a directory or does not
+    exist yet, and the directory (or its nearest existing parent) accepts a new file. Returns the path (``~``
+    expanded); CalibrationInputError saying what to change otherwise. Nothing is left behind."""
+    import tempfile
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CalibrationInputError(f"--out {out_dir} is an existing file; give a directory (new or existing) for "
+                                    f"the artifact's card.json and tensors.pt")
+    probe_dir = out
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise CalibrationInputError(f"--out {out_dir}: {probe_dir} is a file, so the directory cannot be created")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".kvtc-write-test-"):
+            pass
+    except OSError as exc:
+        raise CalibrationInputError(f"--out {out_dir}: cannot write in {probe_dir} ({exc.strerror or exc}); give a "
+                                    f"directory you can write to") from None
+    return out
 
 
 def default_corpus_paths() -> list[Path]:
@@ -138,10 +171,12 @@ def calibrate_model(model: Any, tokenizer: Any, corpus: Sequence[Path], settings
 
     out_dir = Path(out_dir)
     written = []
+    identity = model_identity_facts(model, tokenizer, spec.head_dim)
     for rank in range(tp_size):
         facts = spec.to_dict()
         facts["num_kv_heads_per_rank"] = heads
         facts["weights_digest"] = weights_digest(model)
+        facts.update(identity)
         hs = slice(rank * heads, (rank + 1) * heads)
         sens = None
         if fisher is not None:
@@ -152,6 +187,44 @@ def calibrate_model(model: Any, tokenizer: Any, corpus: Sequence[Path], settings
         dest = out_dir if tp_size == 1 else out_dir / rank_dir_name(tp_size, rank)
         written.append(art.save(dest))
     return written
+
+
+def model_identity_facts(model: Any, tokenizer: Any, head_dim: int) -> dict[str, Any]:
+    """The card's ``model.weights_signature`` and ``model.tokenizer_digest`` of a transformers model and its tokenizer
+    (``models.identity``); a field that cannot be computed is left out (the server then logs that it is not
+    compared)."""
+    facts: dict[str, Any] = {}
+    try:
+        facts["weights_signature"] = hf_model_signature(model, head_dim)
+    except (ModelIdentityError, AttributeError, IndexError):
+        pass
+    if tokenizer is not None:
+        try:
+            facts["tokenizer_digest"] = tokenizer_digest(tokenizer)
+        except ModelIdentityError:
+            pass
+    return facts
+
+
+def _dump_identity(rank_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """Identity facts of a captured rank: the weights signature the capture server wrote (``CAPTURE_IDENTITY_FILE``)
+    and the tokenizer digest of ``model_dir``'s tokenizer files, where present and readable."""
+    facts: dict[str, Any] = {}
+    path = rank_dir / CAPTURE_IDENTITY_FILE
+    if path.is_file():
+        try:
+            sig = json.loads(path.read_text()).get("weights_signature")
+        except (OSError, ValueError, AttributeError):
+            sig = None
+        if sig is not None and signature_problem(sig) is None:
+            facts["weights_signature"] = sig
+    try:
+        from transformers import AutoTokenizer
+
+        facts["tokenizer_digest"] = tokenizer_digest(AutoTokenizer.from_pretrained(str(model_dir)))
+    except Exception:  # noqa: BLE001 - no (readable) tokenizer files next to config.json: the field is left out
+        pass
+    return facts
 
 
 def calibrate_from_dumps(dumps_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
@@ -171,7 +244,10 @@ def calibrate_from_dumps(dumps_dir: str | Path, model_dir: str | Path, out_dir: 
     model_dir, root, out_dir = Path(model_dir), Path(dumps_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise CalibrationInputError("--kv-dumps needs --model <folder with the model's config.json>")
-    spec = ModelKVSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()), name=model_dir.name)
+    try:
+        spec = ModelKVSpec.from_hf_config(json.loads((model_dir / "config.json").read_text()), name=model_dir.name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CalibrationInputError(f"{model_dir / 'config.json'} is not a usable decoder config ({exc})") from None
     ranks = sorted(root.glob("tp*-rank*"))
     if not ranks:
         raise CalibrationInputError(f"no captured KV under {root} (expected tp<N>-rank<r>/seq*.pt from a server run "
@@ -182,9 +258,15 @@ def calibrate_from_dumps(dumps_dir: str | Path, model_dir: str | Path, out_dir: 
         files = sorted(rank_dir.glob("seq*.pt"))
         if not files:
             raise CalibrationInputError(f"{rank_dir} holds no seq*.pt files")
-        first = torch.load(files[0], map_location="cpu", weights_only=True)
+        try:
+            first = torch.load(files[0], map_location="cpu", weights_only=True)
+            if first["k"].dim() != 4 or first["k"].shape != first["v"].shape:
+                raise ValueError(f"k {tuple(first['k'].shape)} / v {tuple(first['v'].shape)} are not [n, L, H, D]")
+        except Exception as exc:  # noqa: BLE001 - a damaged capture file raises pickle, zip, key or value errors
+            raise CalibrationInputError(f"{files[0]} is not a KV capture file ({type(exc).__name__}: {exc})") from None
         facts = spec.to_dict()
         facts["num_kv_heads_per_rank"] = int(first["k"].shape[2])
+        facts.update(_dump_identity(rank_dir, model_dir))
         windows = [torch.tensor([i]) for i in range(len(files))]
 
         def kv_source(ids, files=files):

@@ -139,3 +139,29 @@ def synthetic_kv(art: CalibrationArtifact, n: int, start_pos: int, *, dtype: tor
             x = apply_rope(x, pos, RopeConfig.from_dict(art.model["rope"]))
         out.append(x.to(dtype))
     return out[0], out[1]
+
+
+def save_synthetic_card(directory, *, num_layers: int, num_kv_heads: int, head_dim: int,
+                        ratios: tuple[int, ...] = (8, 16, 32, 64), tp_size: int = 1, tp_rank: int = 0,
+                        rank: int = 16, model: dict | None = None):
+    """Write a real, small artifact (card.json + tensors.pt, loadable by ``load_artifact``) for a model of the given
+    KV geometry: a random orthonormal basis of ``rank`` columns per kind and one DP-like plan per ratio.
+
+    Args:
+        num_kv_heads: KV heads of the whole model; each of ``tp_size`` ranks holds ``max(1, num_kv_heads // tp_size)``.
+        model: card ``model`` facts to set on top (e.g. ``{"fingerprint": ..., "rope": {...}}``): what the startup
+            checks compare, written as given.
+    Returns: the artifact directory.
+    """
+    from pathlib import Path
+
+    per_rank = max(1, num_kv_heads // tp_size)
+    p = num_layers * per_rank * head_dim
+    plan = dp_like_plan(p, min(rank, p), 16)
+    art = synthetic_artifact(num_layers, per_rank, head_dim, {r: [(plan, plan)] for r in ratios},
+                             feature_scale=False, clip=None)
+    art.model.update(num_kv_heads=num_kv_heads, num_kv_heads_per_rank=per_rank)
+    art.model.update(model or {})
+    art.tp_size, art.tp_rank = tp_size, tp_rank
+    art.save(directory)
+    return Path(directory)

@@ -136,12 +136,13 @@ def allocator_setup(request):
 
 
 def make_pool_and_allocator(kind: str, page_size: int, tokens: int, dtype: torch.dtype = torch.bfloat16,
-                            need_sort: bool = False):
-    """A CPU MHATokenToKVPool of the synthetic model's shape and an sglang allocator over it."""
+                            need_sort: bool = False, shape: tuple[int, int, int] = (L, H, D)):
+    """A CPU MHATokenToKVPool of ``shape`` (default: the synthetic model's) and an sglang allocator over it."""
     from kvtc_sglang import sglang_compat as compat
 
-    pool = compat.MHATokenToKVPool(size=tokens, page_size=page_size, dtype=dtype, head_num=H, head_dim=D,
-                                   layer_num=L, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
+    layers, heads, head_dim = shape
+    pool = compat.MHATokenToKVPool(size=tokens, page_size=page_size, dtype=dtype, head_num=heads, head_dim=head_dim,
+                                   layer_num=layers, device="cpu", enable_memory_saver=False, enable_alt_stream=False)
     if kind == "token":
         assert page_size == 1
         allocator = compat.TokenToKVPoolAllocator(size=tokens, dtype=dtype, device="cpu", kvcache=pool,
@@ -152,84 +153,93 @@ def make_pool_and_allocator(kind: str, page_size: int, tokens: int, dtype: torch
     return pool, allocator
 
 
-class Harness:
-    """A KVTCRadixCache over a CPU pool, with helpers to write KV, insert, match, load back and serve requests."""
+class TierHarness:
+    """A KVTCRadixCache over a CPU pool with the contract's test double as codec (tests/cache/fake_codec.py).
 
-    def __init__(self, artifact, *, allocator: str = "paged", page_size: int = 1, pool_tokens: int = 256,
-                 store_bytes: int = 1 << 16, host_bytes: int = 0, page_bytes: int = 256,
-                 dtype: torch.dtype = torch.bfloat16, need_sort: bool = False, eviction_policy: str = "lru",
-                 kv: KVData | None = None, stats_interval_s: float = 30.0, **option_values):
+    Keywords: allocator ("token"/"paged"), page_size, pool_tokens, dtype, shape (L, H, D), eviction_policy,
+    transfer_mode ("inline"/"deferred"), coded_bytes_per_token, in_place ("scratch"/"direct"/None), host_bytes,
+    store_cap_bytes, need_sort, tp_group, plus KVTCOptions fields (defaults: 2 sinks, window 4, min compress 4,
+    compress ahead from an empty pool).
+    """
+
+    def __init__(self, *, allocator: str = "paged", page_size: int = 1, pool_tokens: int = 256,
+                 dtype: torch.dtype = torch.float32, shape: tuple[int, int, int] = (2, 2, 8),
+                 eviction_policy: str = "lru", transfer_mode: str = "inline", coded_bytes_per_token: int | None = None,
+                 in_place: str | None = "scratch", host_bytes: int = 0, store_cap_bytes: int | None = None,
+                 need_sort: bool = False, tp_group=None, kv=None, **option_values):
         from kvtc_sglang import sglang_compat as compat
         from kvtc_sglang.cache.options import KVTCOptions
         from kvtc_sglang.cache.radix_cache import KVTCRadixCache
-        from kvtc_sglang.codec.codec import KVTCCodec
-        from kvtc_sglang.codec.pool_codec import ReferencePoolCodec
+        from tests.cache.fake_codec import FakeKV, FakePoolCodec
 
         self.compat = compat
-        self.allocator_kind = allocator
         self.page_size = page_size
         self.dtype = dtype
-        self.pool, self.allocator = make_pool_and_allocator(allocator, page_size, pool_tokens, dtype, need_sort)
+        self.shape = shape
+        self.pool, self.allocator = make_pool_and_allocator(allocator, page_size, pool_tokens, dtype, need_sort,
+                                                            shape)
         self.capacity = self.allocator.available_size()
         self.req_to_token_pool = compat.ReqToTokenPool(size=64, max_context_len=pool_tokens + 64, device="cpu",
                                                        enable_memory_saver=False)
-        values = dict(kv_compress="kvtc", sink_tokens=2, window_tokens=4, min_compress_tokens=4, entropy="deflate")
+        values = dict(kv_compress="kvtc", sink_tokens=2, window_tokens=4, min_compress_tokens=4,
+                      compress_ahead_watermark=0.0, stats_interval_s=1e9)
         values.update(option_values)
         self.options = KVTCOptions.from_values(**values).validate()
         params = compat.CacheInitParams(disable=False, req_to_token_pool=self.req_to_token_pool,
                                         token_to_kv_pool_allocator=self.allocator, page_size=page_size,
-                                        eviction_policy=eviction_policy)
-        self.codec = KVTCCodec(artifact, RATIO, device="cpu", entropy="deflate")
-        self.cache = KVTCRadixCache(params, ReferencePoolCodec(self.codec), self.options, store_bytes,
-                                    host_budget_bytes=host_bytes, page_bytes=page_bytes,
-                                    stats_interval_s=stats_interval_s)
-        self.kv = kv if kv is not None else KVData(artifact)
+                                        eviction_policy=eviction_policy, tp_cache_group=tp_group)
+        self.kv = kv if kv is not None else FakeKV(*shape)
+        self.codec = FakePoolCodec(self.kv, dtype, coded_bytes_per_token, in_place)
+        self.cache = KVTCRadixCache(params, self.codec, self.options, transfer_mode=transfer_mode,
+                                    host_budget_bytes=host_bytes, store_cap_bytes=store_cap_bytes)
 
     # --- KV rows --------------------------------------------------------------------------------------------------
     def write(self, slots: torch.Tensor, tokens, start: int = 0) -> None:
-        k, v = self.kv.kv(tokens, start)
-        for layer in range(L):
+        k, v = self.kv.batch(list(tokens), start)
+        layers = self.shape[0]
+        for layer in range(layers):
             self.pool.k_buffer[layer][slots] = k[:, layer].to(self.dtype)
             self.pool.v_buffer[layer][slots] = v[:, layer].to(self.dtype)
 
     def rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k, v) pool rows at ``slots``: shape [n, L, H, D], pool dtype."""
-        return (torch.stack([b[slots] for b in self.pool.k_buffer], 1),
-                torch.stack([b[slots] for b in self.pool.v_buffer], 1))
+        """(k, v) pool rows at ``slots``: [n, L, H, D] float32."""
+        return (torch.stack([b[slots] for b in self.pool.k_buffer], 1).float(),
+                torch.stack([b[slots] for b in self.pool.v_buffer], 1).float())
 
-    def expected_rows(self, tokens, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows as written by ``write``: pool dtype."""
-        k, v = self.kv.kv(tokens, start)
-        return k.to(self.dtype), v.to(self.dtype)
-
-    def kv_errors(self, slots: torch.Tensor, tokens, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token (L2 error / bound) of the rows at ``slots`` against ``tokens``' KV; <= 1 is within bound."""
+    def kv_state(self, slots: torch.Tensor, tokens, start: int = 0) -> list[str]:
+        """Per token: "exact" (the rows as written), "coded" (as written, last element + 1: restored from a
+        coded token) or "wrong"."""
         got_k, got_v = self.rows(slots)
-        want_k, want_v = self.expected_rows(tokens, start)
-        bk, bv = self.kv.bound(tokens, self.dtype)
-        ek = (got_k.float() - want_k.float()).reshape(len(slots), -1).norm(dim=1)
-        ev = (got_v.float() - want_v.float()).reshape(len(slots), -1).norm(dim=1)
-        return ek / bk, ev / bv
+        want_k, want_v = self.kv.batch(list(tokens), start)
+        want_k, want_v = want_k.to(self.dtype).float(), want_v.to(self.dtype).float()
+        out = []
+        for i in range(len(tokens)):
+            gk, gv, wk, wv = got_k[i], got_v[i], want_k[i], want_v[i]
+            if torch.equal(gk, wk) and torch.equal(gv, wv):
+                out.append("exact")
+                continue
+            mk, mv = wk.clone(), wv.clone()
+            mk[..., -1] += 1.0
+            mv[..., -1] += 1.0
+            same_body = torch.equal(gk[..., :-1], wk[..., :-1]) and torch.equal(gv[..., :-1], wv[..., :-1])
+            marked = torch.all((gk[..., -1] - wk[..., -1]) >= 1.0) and torch.all((gv[..., -1] - wv[..., -1]) >= 1.0)
+            out.append("coded" if same_body and bool(marked) else "wrong")
+        return out
 
-    def assert_kv(self, slots: torch.Tensor, tokens, start: int = 0, exact=()) -> None:
-        """Rows at ``slots`` hold ``tokens``' KV within the codec's bound, bit-exact at indices ``exact``."""
+    def assert_kv(self, slots: torch.Tensor, tokens, start: int = 0, exact=()) -> list[str]:
+        """Rows at ``slots`` hold ``tokens``' KV (exact, or restored from a coded token); bit-exact at ``exact``."""
         assert len(slots) == len(tokens)
-        if not len(tokens):
-            return
-        rk, rv = self.kv_errors(slots, tokens, start)
-        assert float(rk.max()) <= 1.0 and float(rv.max()) <= 1.0, (rk, rv)
-        exact = list(exact)
-        if exact:
-            got_k, got_v = self.rows(slots[exact])
-            want_k, want_v = self.expected_rows(tokens, start)
-            assert torch.equal(got_k, want_k[exact]) and torch.equal(got_v, want_v[exact])
+        states = self.kv_state(slots, tokens, start)
+        assert "wrong" not in states, states
+        for i in exact:
+            assert states[i] == "exact", (i, states)
+        return states
 
     # --- tree operations ------------------------------------------------------------------------------------------
     def key(self, tokens, limit: int | None = None):
         return self.compat.RadixKey(array("q", tokens), limit=limit)
 
     def alloc(self, n: int) -> torch.Tensor:
-        """``n`` slots (n rounded up to whole pages is allocated); evicts if the allocator is short."""
         pages = -(-n // self.page_size) * self.page_size
         if self.allocator.available_size() < pages:
             self.cache.evict(self.compat.EvictParams(num_tokens=pages - self.allocator.available_size()))
@@ -250,54 +260,54 @@ class Harness:
     def match(self, tokens, req=None):
         return self.cache.match_prefix(self.compat.MatchPrefixParams(key=self.key(tokens), req=req))
 
-    def load_back(self, match):
-        return self.cache.init_load_back(self.compat.InitLoadBackParams(best_match_node=match.best_match_node,
-                                                                        host_hit_length=match.host_hit_length))
+    def load_back(self, match, run: bool = True):
+        """init_load_back, then (as a formed batch) start_loading; ``run`` executes deferred loads."""
+        out = self.cache.init_load_back(self.compat.InitLoadBackParams(best_match_node=match.best_match_node,
+                                                                       host_hit_length=match.host_hit_length))
+        self.cache.start_loading()
+        if run:
+            self.gpu("load")
+        return out
+
+    def gpu(self, stream: str | None = None, count: int | None = None) -> int:
+        """Let the (deferred) side streams run."""
+        return self.cache.transfer.run_pending(stream, count)
 
     def evict(self, n: int) -> int:
         return self.cache.evict(self.compat.EvictParams(num_tokens=n)).num_tokens_evicted
 
     def node_for(self, tokens):
-        """The node whose key ends exactly at the end of ``tokens`` (no split; asserts it exists)."""
         node = self.cache.root_node
         i = 0
         while i < len(tokens):
-            child = node.children[self.key(tokens[i:]).child_key(self.page_size)]
+            child = node.children.get(self.key(tokens[i:]).child_key(self.page_size))
+            assert child is not None, f"no node for {tokens[:i + 1]}"
             i += len(child.key)
             node = child
         assert i == len(tokens), "tokens end inside a node"
         return node
 
-    def hot_tokens(self) -> int:
-        return sum(len(n.value) for n in self.cache._iter_nodes() if n.value is not None)
+    def state(self, tokens) -> str:
+        from kvtc_sglang.cache.tier_state import state_of
+
+        return state_of(self.node_for(tokens)).value
 
     def check(self, private_tokens: int = 0) -> None:
-        """Every accounting invariant: the cache's own check plus allocator and store totals recomputed here."""
+        """The cache's own consistency check plus SGLang's pool invariant (its own checker's arithmetic)."""
+        from sglang.srt.managers.scheduler_components.invariant_checker import SchedulerInvariantChecker
+
         cache = self.cache
         cache.check_consistency()
-        evictable = protected = 0
-        device_handles, host_handles = {}, {}
-        for node in cache._iter_nodes():
-            if node.value is not None:
-                if node.lock_ref:
-                    protected += len(node.key)
-                else:
-                    evictable += len(node.key)
-            else:
-                h = node.kvtc.handle
-                (device_handles if h.tier == "device" else host_handles)[h.id] = h
-        assert (cache.evictable_size_, cache.protected_size_) == (evictable, protected)
-        assert self.allocator.available_size() + evictable + protected + private_tokens == self.capacity
-        store = cache.store
-        assert store.used_bytes == sum(store.pages_for(h.nbytes) for h in device_handles.values()) * store.page_bytes
-        assert store.host_used_bytes == sum(store.pages_for(h.nbytes)
-                                            for h in host_handles.values()) * store.page_bytes
+        leak, msg = SchedulerInvariantChecker._check_pool_invariant(
+            "full", self.allocator.available_size(), cache.evictable_size(), cache.protected_size(), 0,
+            self.capacity, private_tokens)
+        assert not leak, msg
 
 
 @pytest.fixture
-def make_harness(artifact):
-    """``make_harness(**kw) -> Harness`` (see Harness for the keywords)."""
-    return lambda **kw: Harness(artifact, **kw)
+def make_tier():
+    """``make_tier(**kw) -> TierHarness`` (see TierHarness for the keywords)."""
+    return lambda **kw: TierHarness(**kw)
 
 
 # --- requests, as sglang's scheduler runs them -----------------------------------------------------------------------
@@ -309,48 +319,37 @@ class Request(types.SimpleNamespace):
         return self.origin_input_ids + self.output_ids
 
 
-def new_request(harness: Harness, tokens) -> Request:
+def new_request(harness, tokens) -> Request:
     pool = harness.req_to_token_pool
     return Request(req_pool_idx=pool.free_slots.pop(0), origin_input_ids=array("q", tokens), output_ids=array("q"),
                    cache_protected_len=0, last_node=None, extra_key=None, prefix_indices=None, priority=0,
                    private_tokens=0, kv_indices=None)
 
 
-def admit(harness: Harness, tokens):
-    """Match, lock, load back and allocate like PrefillAdder.add_one_req + the extend allocation.
+def admit(harness, tokens, *, run_loads: bool = True):
+    """Match, lock, load back, form the batch (start_loading), allocate and write the rest, like
+    PrefillAdder.add_one_req + prepare_for_extend + the forward (which waits for the loads: deferred loads run).
 
-    Returns (request, info) where info has the match, the chain of compressed/host nodes it reported and their blob
-    handles (taken before the load-back), the restored indices and the exact positions the chain's blobs declare;
-    or (None, info) when no slots could be found (the request holds nothing then).
+    Returns (request, info): info has the match, the restored indices and the chain of COMPRESSED/HOST nodes the
+    match reported; or (None, info) when no slots could be found (the request holds nothing then).
     """
-    from kvtc_sglang.codec import blob as blobfmt
-
     cache = harness.cache
+    compat = harness.compat
     req = new_request(harness, tokens)
-    match = cache.match_prefix(harness.compat.MatchPrefixParams(key=harness.key(tokens, limit=len(tokens) - 1),
-                                                                req=req))
+    match = cache.match_prefix(compat.MatchPrefixParams(key=harness.key(tokens, limit=len(tokens) - 1), req=req))
     req.prefix_indices, req.last_node = match.device_indices, match.last_device_node
-    info = types.SimpleNamespace(match=match, restored=None, chain=[], handles=[], exact_positions=set())
+    info = types.SimpleNamespace(match=match, restored=None, chain=[])
     node = match.best_match_node
-    while node.value is None:
+    from kvtc_sglang.cache.tier_state import COLD_STATES, state_of
+
+    while state_of(node) in COLD_STATES:
         info.chain.insert(0, node)
-        info.handles.insert(0, node.kvtc.handle)
         node = node.parent
-    for n in info.chain:
-        ref = n.kvtc
-        try:
-            header = blobfmt.read_header(cache.store.get(ref.handle))
-        except Exception:
-            continue
-        lo, hi = ref.blob_start + ref.offset, ref.blob_start + ref.offset + ref.count
-        exact = set(range(header.start_pos, header.start_pos + header.n_head))
-        exact |= set(range(header.start_pos + header.n_tokens - header.n_tail, header.start_pos + header.n_tokens))
-        info.exact_positions |= {p for p in exact if lo <= p < hi}
     lock_node = req.last_node
     cache.inc_lock_ref(lock_node)
     try:
         if match.host_hit_length > 0:
-            new, req.last_node = cache.init_load_back(harness.compat.InitLoadBackParams(
+            new, req.last_node = cache.init_load_back(compat.InitLoadBackParams(
                 best_match_node=match.best_match_node, host_hit_length=match.host_hit_length, req=req))
             info.restored = new
             req.prefix_indices = torch.cat([req.prefix_indices, new])
@@ -361,8 +360,11 @@ def admit(harness: Harness, tokens):
     need = len(tokens) - len(req.prefix_indices)
     pages = -(-need // harness.page_size) * harness.page_size
     if harness.allocator.available_size() < pages:
-        cache.evict(harness.compat.EvictParams(num_tokens=pages - harness.allocator.available_size()))
+        cache.evict(compat.EvictParams(num_tokens=pages - harness.allocator.available_size()))
     slots = harness.allocator.alloc(pages) if pages else req.prefix_indices[:0]
+    cache.start_loading([req])
+    if run_loads:
+        harness.gpu("load")
     if slots is None:
         cache.dec_lock_ref(req.last_node)
         harness.req_to_token_pool.free_slots.append(req.req_pool_idx)
@@ -375,14 +377,14 @@ def admit(harness: Harness, tokens):
     return req, info
 
 
-def finish(harness: Harness, req: Request) -> None:
+def finish(harness, req: Request) -> None:
     """cache_finished_req, then release the request's row (what the scheduler does when a request ends)."""
     harness.cache.cache_finished_req(req, kv_len_to_handle=len(req.origin_input_ids))
     harness.req_to_token_pool.free_slots.append(req.req_pool_idx)
     req.private_tokens = 0
 
 
-def checkpoint(harness: Harness, req: Request) -> None:
+def checkpoint(harness, req: Request) -> None:
     """cache_unfinished_req (a chunked prefill boundary): the page-aligned part goes into the tree."""
     harness.cache.cache_unfinished_req(req)
     n = len(req.origin_input_ids)

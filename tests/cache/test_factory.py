@@ -1,4 +1,5 @@
-"""cache/factory.py: the tree cache built from sglang's build context (this rank's artifact, codec, store size)."""
+"""cache/factory.py: the tree cache built from sglang's build context (this rank's artifact, the batched pool codec,
+the optional blob cap, the host spill budget)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def build_context(pool_allocator, page_size: int, **overrides):
 
 
 def test_the_factory_builds_a_working_cache_from_a_build_context(artifact, tmp_path):
-    from kvtc_sglang.cache.factory import kvtc_cache_for_rank, store_budget_bytes
+    from kvtc_sglang.cache.factory import kvtc_cache_for_rank
     from kvtc_sglang.cache.options import KVTCOptions
     from kvtc_sglang.codec.errors import CalibrationMismatchError
 
@@ -40,11 +41,11 @@ def test_the_factory_builds_a_working_cache_from_a_build_context(artifact, tmp_p
     allocator = compat.PagedTokenToKVPoolAllocator(size=64, page_size=4, dtype=torch.bfloat16, device="cpu",
                                                    kvcache=pool, need_sort=False)
     ctx = build_context((pool, allocator), 4)
-    cache = kvtc_cache_for_rank(ctx, options, store_budget_bytes(ctx, options, None))
-    pool_bytes = sum(pool.get_kv_size_bytes())
-    assert cache.store.capacity_bytes == pool_bytes // 2 // 4096 * 4096
-    assert cache.store.host_capacity_bytes == 64 << 10
-    assert cache.pool_codec.shape == (2, 2, 16) and cache.pool_codec.kv_dtype is None
+    cache = kvtc_cache_for_rank(ctx, options)
+    assert cache.blobs.cap_slots == 64 // 2  # a cap of half the pool's memory, in slots
+    assert cache.host.capacity_bytes == 64 << 10
+    assert cache.codec.shape == (2, 2, 16) and cache.codec.kv_dtype is None
+    assert cache.layer_counter is None and cache.transfer.mode == "inline"  # CPU
     slots = allocator.alloc(32)
     for layer in range(2):
         pool.k_buffer[layer][slots] = torch.randn(32, 2, 16).to(torch.bfloat16)
@@ -53,11 +54,12 @@ def test_the_factory_builds_a_working_cache_from_a_build_context(artifact, tmp_p
 
     key = compat.RadixKey(array("q", SEQ))
     cache.insert(compat.InsertParams(key=key, value=slots))
-    cache.evict(compat.EvictParams(num_tokens=32))
+    cache.evict(compat.EvictParams(num_tokens=1))
     m = cache.match_prefix(compat.MatchPrefixParams(key=key))
     assert m.host_hit_length == 32
     indices, _ = cache.init_load_back(compat.InitLoadBackParams(best_match_node=m.best_match_node,
                                                                 host_hit_length=32))
+    cache.start_loading()
     assert len(indices) == 32
     cache.check_consistency()
 
@@ -67,4 +69,4 @@ def test_the_factory_builds_a_working_cache_from_a_build_context(artifact, tmp_p
                                                     kvcache=wide, need_sort=False)
     with pytest.raises(CalibrationMismatchError, match=r"num_kv_heads \(per rank\): model 4, calibration 2.*"
                                                        r"kvtc-sglang calibrate"):
-        kvtc_cache_for_rank(build_context((wide, wide_alloc), 4), options, 1 << 16)
+        kvtc_cache_for_rank(build_context((wide, wide_alloc), 4), options)

@@ -30,9 +30,9 @@ from kvtc_sglang.cache.options import KVTCOptions  # noqa: E402
 from kvtc_sglang.cache.startup_checks import CalibrationModelMismatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-OPTION_FIELDS = ["kv_compress", "kvtc_calibration", "kvtc_ratio", "kvtc_store_budget", "kvtc_host_spill",
-                 "kvtc_sink_tokens", "kvtc_window_tokens", "kvtc_entropy", "kvtc_min_compress_tokens",
-                 "kvtc_capture_dir", "kvtc_capture_tokens"]
+from kvtc_sglang.cache.options import SERVER_ARGS_ATTRS  # noqa: E402
+
+OPTION_FIELDS = list(SERVER_ARGS_ATTRS.values())
 _module_ids = itertools.count()
 
 
@@ -86,11 +86,10 @@ def model_and_card(tmp_path):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
         "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30, "head_dim": 64,
         "rope_theta": 100000.0, "max_position_embeddings": 8192, "vocab_size": 49152, "torch_dtype": "bfloat16"}))
-    card = tmp_path / "card"
-    card.mkdir()
-    card.joinpath("card.json").write_text(json.dumps({
-        "format_version": 1, "tp_size": 1, "tp_rank": 0, "plans": {"16": {}, "32": {}},
-        "model": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "rope": {"theta": 100000.0, "style": "neox"}}}))
+    from kvtc_sglang.testing.synthetic import save_synthetic_card
+
+    card = save_synthetic_card(tmp_path / "card", num_layers=30, num_kv_heads=3, head_dim=64, ratios=(16, 32),
+                               model={"rope": {"theta": 100000.0, "style": "neox"}})
     return model, card
 
 

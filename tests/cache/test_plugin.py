@@ -24,8 +24,6 @@ pytestmark = pytest.mark.sglang
 from kvtc_sglang import sglang_compat as compat  # noqa: E402  (imports sglang lazily)
 
 import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 from kvtc_sglang.cache import plugin  # noqa: E402
 from kvtc_sglang.cache.options import KVTCOptions, is_fraction, parse_bytes  # noqa: E402
@@ -50,16 +48,16 @@ MODEL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
 
 
 def make_card(directory: Path, **model_overrides) -> Path:
+    """A real (small) artifact in ``directory`` for the test model (30 layers, 3 KV heads, head_dim 64, plans
+    8/16/32/64), with the card's model facts (and tp_size / tp_rank) overridden."""
+    from kvtc_sglang.testing.synthetic import save_synthetic_card
+
     model = {"fingerprint": "test", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
              "rope": {"theta": 100000.0, "style": "neox"}}
-    top = {k: model_overrides.pop(k) for k in ("tp_size", "tp_rank", "plans") if k in model_overrides}
+    top = {k: model_overrides.pop(k) for k in ("tp_size", "tp_rank") if k in model_overrides}
     model.update(model_overrides)
-    card = {"format_version": 1, "model": model, "tp_size": 1, "tp_rank": 0,
-            "plans": {"8": {}, "16": {}, "32": {}, "64": {}}}
-    card.update(top)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "card.json").write_text(json.dumps(card))
-    return directory
+    return save_synthetic_card(directory, num_layers=model["num_layers"], num_kv_heads=model["num_kv_heads"],
+                               head_dim=model["head_dim"], model=model, **top)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +155,9 @@ def test_register_twice_is_a_no_op(registered):
     assert compat.get_radix_cache_factory("kvtc") is plugin.build_tree_cache
     for target, hook in ((compat.TARGET_ADD_CLI_ARGS, plugin._add_cli_args_hook),
                          (compat.TARGET_FROM_CLI_ARGS, plugin._from_cli_args_hook),
-                         (compat.TARGET_CONFIG_FROM_BUDGET, plugin._config_from_budget_hook)):
+                         (compat.TARGET_RUN_BATCH, plugin._after_run_batch_hook),
+                         (compat.TARGET_FORM_PREFILL_BATCH, plugin._before_prefill_batch_hook),
+                         (compat.TARGET_FORM_PREFILL_BATCH, plugin._after_prefill_batch_hook)):
         hooks = [h for _t, h, _s in compat.HookRegistry._hooks[target] if h is hook]
         assert len(hooks) == 1, target
 
@@ -184,12 +184,12 @@ def test_add_cli_flags_skips_a_parser_that_has_them():
 
 def test_cli_selects_backend_and_carries_options(registered, model_dir, card_dir):
     sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
-                           "--kvtc-ratio", "8", "--kvtc-store-budget", "1GiB", "--kvtc-host-spill", "4GiB",
+                           "--kvtc-ratio", "8", "--kvtc-store-budget", "1GiB", "--kvtc-host-spill", "64MiB",
                            "--kvtc-sink-tokens", "8", "--kvtc-window-tokens", "64", "--kvtc-entropy", "deflate",
                            "--kvtc-min-compress-tokens", "512")
     assert sa.radix_cache_backend == "kvtc"
     expected = KVTCOptions(kv_compress="kvtc", calibration=str(card_dir), ratio=8.0, store_budget="1GiB",
-                           host_spill="4GiB", sink_tokens=8, window_tokens=64, entropy="deflate",
+                           host_spill="64MiB", sink_tokens=8, window_tokens=64, entropy="deflate",
                            min_compress_tokens=512)
     assert KVTCOptions.from_server_args(sa) == expected
     # Pickled to the scheduler processes: the plain attributes travel in __dict__.
@@ -352,7 +352,9 @@ def test_model_geometry_reads_transformers5_rope_parameters():
 
 def test_option_defaults_are_valid():
     options = KVTCOptions().validate()
-    assert (options.kv_compress, options.ratio, options.store_budget, options.host_spill) == ("none", 16.0, "0.25", "0")
+    assert (options.kv_compress, options.ratio, options.store_budget, options.host_spill) == ("none", 16.0, None, "0")
+    assert options.store_cap_bytes(1 << 30) is None
+    assert (options.stats_interval_s, options.verify, options.compress_ahead_watermark) == (30.0, "device", 0.75)
     assert (options.sink_tokens, options.window_tokens, options.entropy, options.min_compress_tokens) == (
         4, 128, "auto", 32)
     assert (options.capture_dir, options.capture_tokens, options.capturing) == (None, 65536, False)
@@ -382,7 +384,11 @@ def test_from_server_args_coerces_python_values():
     ({"min_compress_tokens": 0}, "--kvtc-min-compress-tokens must be >= 1"),
     ({"store_budget": "1.0"}, "must be in \\(0, 1\\)"),
     ({"store_budget": "0.0"}, "must be in \\(0, 1\\)"),
-    ({"store_budget": "0"}, "needs a positive size"),
+    ({"store_budget": "0"}, "must be positive"),
+    ({"verify": "sometimes"}, "--kvtc-verify must be one of"),
+    ({"stats_interval_s": 0.0}, "--kvtc-stats-interval must be a positive"),
+    ({"compress_ahead_watermark": 1.5}, "--kvtc-compress-ahead-watermark must be in"),
+    ({"compress_ahead_tokens": -1}, "--kvtc-compress-ahead-tokens must be >= 0"),
     ({"store_budget": "-1GiB"}, "is not a size"),
     ({"store_budget": "2 GB/s"}, "is not a size"),
     ({"store_budget": "2GX"}, "unknown unit"),
@@ -418,123 +424,71 @@ def test_parse_bytes_needs_the_total_for_a_fraction():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Memory equalization
+# The store cap, unsupported pool features, the scheduler hooks
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_store_bytes_for_fraction_and_bytes():
-    assert plugin.store_bytes_for(KVTCOptions(store_budget="0.25"), 1000, 100) == (750, 25_000)
-    assert plugin.store_bytes_for(KVTCOptions(store_budget="0.1"), 7, 3) == (6, 3)  # floor(6.3) = 6
-    # bytes: the pool gives up ceil(1000 / 300) = 4 slots, the store gets exactly 1000 bytes
-    assert plugin.store_bytes_for(KVTCOptions(store_budget="1000"), 1000, 300) == (996, 1000)
-    assert plugin.store_bytes_for(KVTCOptions(store_budget="1KiB"), 10, 1024) == (9, 1024)
+def test_store_budget_is_an_optional_cap():
+    assert KVTCOptions(store_budget="none").validate().store_cap_bytes(1000) is None
+    assert KVTCOptions(store_budget="0.25").validate().store_cap_bytes(1000) == 250
+    assert KVTCOptions(store_budget="1KiB").validate().store_cap_bytes() == 1024
+    assert not hasattr(plugin, "store_bytes_for") and not hasattr(compat, "TARGET_CONFIG_FROM_BUDGET")
 
 
-@pytest.mark.parametrize("budget, tokens, per_token", [("0.99", 50, 10), ("1GiB", 10, 1 << 20), ("600", 2, 300)])
-def test_store_bytes_for_refuses_a_budget_that_leaves_no_pool(budget, tokens, per_token):
-    with pytest.raises(ValueError, match="leaves no KV pool"):
-        plugin.store_bytes_for(KVTCOptions(store_budget=budget), tokens, per_token)
+@pytest.mark.parametrize("argv, flag", [
+    (["--enable-memory-saver"], "--enable-memory-saver"),
+    (["--disaggregation-mode", "decode"], "--disaggregation-mode decode"),
+])
+def test_features_that_move_pool_memory_are_refused_at_startup(registered, model_dir, card_dir, argv, flag):
+    with pytest.raises(KVTCStartupError, match=f"cannot run with {flag}"):
+        build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir), *argv)
 
 
-@pytest.mark.parametrize("tokens, per_token", [(-1, 10), (10, 0), (1.5, 10), (True, 10)])
-def test_store_bytes_for_rejects_bad_arguments(tokens, per_token):
-    with pytest.raises(ValueError):
-        plugin.store_bytes_for(KVTCOptions(), tokens, per_token)
+def test_unified_memory_and_post_capture_sizing_are_refused(monkeypatch):
+    args = types.SimpleNamespace(enable_unified_memory=True)
+    assert [f for f, _ in compat.unsupported_pool_features(args)] == ["--enable-unified-memory"]
+    monkeypatch.setenv("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "1")
+    flags = [f for f, _ in compat.unsupported_pool_features(types.SimpleNamespace())]
+    assert flags == ["SGLANG_ENABLE_POST_CAPTURE_KV_SIZING=1"]
+    assert compat.pool_is_post_capture(types.SimpleNamespace(post_capture_active=True))
 
 
-@settings(max_examples=200, deadline=None)
-@given(tokens=st.integers(1, 10 ** 8), per_token=st.integers(1, 1 << 20),
-       permille=st.integers(1, 999), budget=st.integers(1, 1 << 40))
-def test_store_bytes_for_never_grows_total_memory(tokens, per_token, permille, budget):
-    fraction = f"0.{permille:03d}"
-    try:
-        after, store = plugin.store_bytes_for(KVTCOptions(store_budget=fraction), tokens, per_token)
-    except ValueError:
-        assert tokens * (1000 - permille) < 1000  # floor(tokens * (1 - f)) == 0
-    else:
-        assert after * per_token + store == tokens * per_token
-        assert after == tokens * (1000 - permille) // 1000
-    try:
-        after, store = plugin.store_bytes_for(KVTCOptions(store_budget=str(budget)), tokens, per_token)
-    except ValueError:
-        assert -(-budget // per_token) >= tokens
-    else:
-        assert store == budget and after >= 1
-        assert after * per_token + store <= tokens * per_token
-        assert (after + 1) * per_token + store > tokens * per_token  # no slot given up beyond what the store needs
-
-
-@pytest.fixture
-def published(registered, model_dir, card_dir):
-    """A kvtc ServerArgs published as sglang's process config (page size 4), reset afterwards."""
-    from sglang.srt import runtime_context
-
+def test_new_flags_reach_the_options(registered, model_dir, card_dir):
     sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
-                           "--page-size", "4")
-    runtime_context.publish(sa, role="test")
-    try:
-        with runtime_context.get_parallel().override(attn_tp_size=1):
-            yield sa
-    finally:
-        runtime_context.reset_context()
-        plugin._RESERVED_STORE_BYTES.clear()
+                           "--kvtc-stats-interval", "5", "--kvtc-verify", "always", "--kvtc-store-budget", "2GiB",
+                           "--kvtc-compress-ahead-watermark", "0.5")
+    options = KVTCOptions.from_server_args(sa)
+    assert (options.stats_interval_s, options.verify, options.store_budget, options.compress_ahead_watermark) == (
+        5.0, "always", "2GiB", 0.5)
 
 
-def fake_configurator(server_args, tp_rank: int):
-    """The attributes of sglang's KVCacheConfigurator that its real config_from_budget and pool sizing read."""
-    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+class _HookCache:
+    is_kvtc_tier = True
 
-    kvc = types.SimpleNamespace(
-        server_args=server_args, model_config=server_args.model_config, kv_cache_dtype=torch.bfloat16,
-        kv_cache_dtype_str="auto", layer_info=types.SimpleNamespace(num_effective_layers=30, start_layer=0,
-                                                                    end_layer=30),
-        ps=types.SimpleNamespace(pp_size=1, tp_rank=tp_rank), spec_algorithm=SpeculativeAlgorithm.from_string(None),
-        is_draft_worker=False, use_mla_backend=False, is_hybrid_swa=False)
-    kvc._apply_token_constraints = lambda tokens: compat.KVCacheConfigurator._apply_token_constraints(kvc, tokens)
-    return kvc
+    def __init__(self):
+        self.calls = []
+        self.transfer = types.SimpleNamespace(cuda=False)
 
+    def step(self):
+        self.calls.append("step")
 
-def test_pool_sizing_hook_carves_the_store_out_of_the_kv_budget(published):
-    per_token = 3 * (64 + 64) * 30 * 2  # KV heads x (K + V head dims) x layers x bf16
-    kvc = fake_configurator(published, tp_rank=0)
-    assert compat.kv_bytes_per_token(kvc) == per_token
-    budget = 1 << 30
-    config = compat.KVCacheConfigurator.config_from_budget(kvc, budget)  # the hooked sglang method
-    tokens = budget // per_token
-    after = tokens * 3 // 4
-    assert config.max_total_num_tokens == after // 4 * 4  # then page-aligned by sglang
-    assert plugin.reserved_store_bytes(0) == (tokens - after) * per_token
-    assert config.max_total_num_tokens * per_token + plugin.reserved_store_bytes(0) <= budget
+    def start_loading(self, reqs):
+        self.calls.append(("start_loading", reqs))
+        return 2
 
 
-def test_pool_sizing_hook_takes_the_store_out_of_a_max_total_tokens_cap(model_dir, card_dir):
-    """Under --max-total-tokens N the store comes out of those N slots, not out of the whole memory budget, so a
-    capped kvtc server holds the same KV memory as a capped plain server."""
-    from sglang.srt import runtime_context
-
-    sa = build_server_args(model_dir, "--kv-compress", "kvtc", "--kvtc-calibration", str(card_dir),
-                           "--max-total-tokens", "4000")
-    runtime_context.publish(sa, role="test")
-    try:
-        with runtime_context.get_parallel().override(attn_tp_size=1):
-            kvc = fake_configurator(sa, tp_rank=0)
-            per_token = compat.kv_bytes_per_token(kvc)
-            config = compat.KVCacheConfigurator.config_from_budget(kvc, 1 << 32)
-            assert config.max_total_num_tokens == 3000
-            assert plugin.reserved_store_bytes(0) == 1000 * per_token
-            config = compat.KVCacheConfigurator.config_from_budget(kvc, 1 << 32, cap_tokens=2000)
-            assert config.max_total_num_tokens == 1500 and plugin.reserved_store_bytes(0) == 500 * per_token
-    finally:
-        runtime_context.reset_context()
-        plugin._RESERVED_STORE_BYTES.clear()
-
-
-def test_pool_sizing_hook_passes_other_servers_through(published, registered, model_dir):
-    plain = build_server_args(model_dir, "--page-size", "4")
-    kvc = fake_configurator(plain, tp_rank=5)
-    per_token = compat.kv_bytes_per_token(kvc)
-    config = compat.KVCacheConfigurator.config_from_budget(kvc, 1 << 30)
-    assert config.max_total_num_tokens == (1 << 30) // per_token // 4 * 4
-    assert plugin.reserved_store_bytes(5) is None
+def test_scheduler_hooks_drive_a_kvtc_cache_and_leave_others_alone():
+    cache = _HookCache()
+    sched = types.SimpleNamespace(tree_cache=cache)
+    assert plugin._before_prefill_batch_hook(sched, None, None) is None
+    batch = types.SimpleNamespace(reqs=["r"], hicache_consumer_index=-1)
+    result = (batch, "running")
+    assert plugin._after_prefill_batch_hook(result, sched, None, None) is result
+    assert batch.hicache_consumer_index == 2 and cache.calls == ["step", ("start_loading", ["r"])]
+    assert plugin._after_prefill_batch_hook((None, "running"), sched) == (None, "running")
+    assert plugin._after_run_batch_hook("out", sched, batch) == "out"  # CPU: no event to record
+    plain = types.SimpleNamespace(tree_cache=object())
+    assert plugin._before_prefill_batch_hook(plain) is None
+    assert plugin._after_prefill_batch_hook(result, plain) is result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -572,22 +526,14 @@ def test_factory_is_reached_through_sglangs_routing(kvtc_server_args, monkeypatc
 
     built = []
 
-    def fake_cache_for_rank(ctx, options, store_bytes):
-        built.append((ctx, options, store_bytes))
+    def fake_cache_for_rank(ctx, options):
+        built.append((ctx, options))
         return "the cache"
 
     monkeypatch.setattr(factory, "kvtc_cache_for_rank", fake_cache_for_rank)
     ctx = build_context(kvtc_server_args)
     assert create_tree_cache(ctx) == "the cache"
-    # No pool-sizing pass ran in this process: the budget is 0.25 of the pool as built.
-    pool_bytes = 65 * 30 * 3 * 64 * 2 * 2
-    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args), pool_bytes // 4)]
-    plugin.record_reserved_store_bytes(0, 12345)
-    try:
-        create_tree_cache(ctx)
-        assert built[-1][2] == 12345  # the bytes the sizing hook carved out of this rank's pool
-    finally:
-        plugin._RESERVED_STORE_BYTES.clear()
+    assert built == [(ctx, KVTCOptions.from_server_args(kvtc_server_args))]
 
 
 @pytest.mark.parametrize("override, message", [

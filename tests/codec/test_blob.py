@@ -4,6 +4,7 @@ BlobFormatError before anything is decoded."""
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -12,10 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtc_sglang.codec import blob as blobfmt
-from kvtc_sglang.codec.checksum import checksum64_int
 from kvtc_sglang.codec.codec import KVTCCodec
 from kvtc_sglang.codec.entropy import EntropyCoderId, split_chunks
-from kvtc_sglang.codec.errors import BlobFormatError
+from kvtc_sglang.codec.errors import BlobFormatError, ShapeError
 from tests.codec.codec_setup import P, bits_of, kv, make_artifact
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,18 +33,21 @@ def test_blob_inside_a_larger_buffer_decodes_the_same(art):
         assert torch.equal(bits_of(a.k), bits_of(b.k)) and torch.equal(bits_of(a.v), bits_of(b.v))
 
 
-def test_blob_of_none_coder_is_header_table_and_raw_payload(art):
-    """Layout documented in blob.py: header, chunk table (bit 31 = stored raw), then the raw payload, which is the
-    exact rows [K row | V row] per token followed by the K and V sections."""
+def test_blob_of_none_coder_is_header_and_raw_payload(art):
+    """Layout documented in blob.py: an 88-byte header, no chunk table, then the raw payload, which is the exact
+    rows [K row | V row] per token followed by the K and V sections; the header's CRC-32 is zlib's over the blob
+    with the field zeroed."""
     codec = KVTCCodec(art, 4, entropy="none", chunk_bytes=1000)
     n, nh, nt = 9, 2, 1
     k, v = kv(n, seed=10)
-    blob = codec.encode(k, v, 0, nh, nt)
+    blob = codec.encode(k, v, 0, nh, nt, token_ids=list(range(100, 109)))
     h = blobfmt.read_header(blob)
-    assert bytes(blob[:4].tolist()) == b"KVTC" and struct.unpack("<H", bytes(blob[4:6].tolist()))[0] == blobfmt.FORMAT_VERSION
-    assert blobfmt.HEADER.size == 80 and h.data_offset == 80 + 4 * h.n_chunks
-    table = struct.unpack(f"<{h.n_chunks}I", bytes(blob[80 : h.data_offset].tolist()))
-    assert all(e & blobfmt.RAW_FLAG for e in table)
+    assert bytes(blob[:4].tolist()) == b"KVTC" and struct.unpack("<H", bytes(blob[4:6].tolist()))[0] == 2
+    assert blobfmt.HEADER.size == 88 and h.data_offset == 88 and h.n_chunks == 0
+    assert h.tokens_bound and h.token_hash == blobfmt.token_hash(list(range(100, 109)))
+    raw = bytearray(blob.numpy().tobytes())
+    raw[blobfmt.CRC_OFFSET : blobfmt.CRC_OFFSET + 4] = b"\0\0\0\0"
+    assert h.crc32 == zlib.crc32(bytes(raw))
     payload = blob[h.data_offset :]
     assert payload.numel() == h.raw_size == blob.numel() - h.data_offset
     ex = torch.cat([torch.stack([k[:nh], v[:nh]], 1), torch.stack([k[n - nt :], v[n - nt :]], 1)])
@@ -53,6 +56,54 @@ def test_blob_of_none_coder_is_header_table_and_raw_payload(art):
     kbytes = codec.kinds["k"].section_bytes(n - nh - nt)
     assert payload.numel() - ex_bytes == kbytes + codec.kinds["v"].section_bytes(n - nh - nt)
     assert codec.coded_bytes_per_token() == sum(pl.layout.bytes_per_token for pl in art.plan(4).k + art.plan(4).v)
+
+
+def test_token_binding_and_start_position_are_checked(art):
+    codec = KVTCCodec(art, 4, entropy="none")
+    k, v = kv(6, seed=3)
+    ids = [5, 9, 11, 2, 2, 7]
+    blob = codec.encode(k, v, 12, 1, 1, token_ids=ids)
+    codec.decode(blob, expected_start=12, expected_token_ids=ids)
+    for other in ([5, 9, 11, 2, 2, 8], ids[::-1], ids[:5]):
+        with pytest.raises(BlobFormatError, match="other token ids"):
+            codec.decode(blob, expected_token_ids=other)
+    with pytest.raises(BlobFormatError, match="position 12, caller expects 13"):
+        codec.decode(blob, expected_start=13, expected_token_ids=ids)
+    unbound = codec.encode(k, v, 12, 1, 1)
+    with pytest.raises(BlobFormatError, match="not bound"):
+        codec.decode(unbound, expected_token_ids=ids)
+    with pytest.raises(ShapeError, match="token ids"):
+        codec.encode(k, v, 12, 1, 1, token_ids=ids[:4])
+
+
+def test_version_1_blobs_are_refused_with_a_clear_error(art):
+    codec = KVTCCodec(art, 4, entropy="none")
+    blob = codec.encode(*kv(4), 0, 1, 1)
+    v1 = blob.clone()
+    v1[4:6] = torch.tensor([1, 0], dtype=torch.uint8)
+    with pytest.raises(BlobFormatError, match="version 1 .* no longer read.*re-encode"):
+        codec.decode(v1)
+    with pytest.raises(BlobFormatError, match="version 1"):
+        blobfmt.BlobHeader.unpack(v1[:80].numpy().tobytes())  # a v1 header is 80 bytes: refused by its version
+
+
+def test_framing_an_uncoded_payload_makes_no_per_chunk_work(art, monkeypatch):
+    """coder none: one copy of the payload, no chunk split, no concatenation, no entropy calls."""
+    codec = KVTCCodec(art, 4, entropy="none", chunk_bytes=64)
+    k, v = kv(40, seed=2)
+    calls = []
+    monkeypatch.setattr(torch, "cat", lambda *a, **kw: (calls.append("cat"), _CAT(*a, **kw))[1])
+    monkeypatch.setattr("kvtc_sglang.codec.codec.split_chunks", lambda *a: calls.append("split"))
+    payload = _CAT([torch.zeros(0, dtype=torch.uint8)])  # warm
+    blob = codec.frame(torch.arange(5000).to(torch.uint8), torch.float32, 10, 0, 10, 0)
+    assert calls == [] and blob.numel() == 88 + 5000
+    h = codec.read_header.__self__ and blobfmt.read_header(blob)
+    assert torch.equal(codec.payload(blob, h), torch.arange(5000).to(torch.uint8))
+    assert codec.payload(blob, h).data_ptr() == blob.data_ptr() + 88  # a view, not a copy
+    del payload
+
+
+_CAT = torch.cat
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +115,7 @@ def small_blob(art):
 
 def test_truncated_blob_raises_blob_format_error(small_blob):
     codec, blob = small_blob
-    for cut in (0, 3, 40, 79, 80, 81, blob.numel() - 1):
+    for cut in (0, 3, 40, 87, 88, 89, blob.numel() - 1):
         with pytest.raises(BlobFormatError, match="bytes|header"):
             codec.decode(blob[:cut].clone())
     with pytest.raises(BlobFormatError, match="bytes"):
@@ -79,8 +130,8 @@ def test_every_flipped_byte_is_detected(small_blob):
         bad[i] ^= 0x10
         with pytest.raises(BlobFormatError) as exc:
             codec.decode(bad)
-        if i >= blobfmt.HEADER.size:  # table and data: only the checksum can tell
-            assert "checksum" in str(exc.value), (i, str(exc.value))
+        if i >= blobfmt.HEADER.size:  # table and data: only the CRC can tell
+            assert "CRC" in str(exc.value), (i, str(exc.value))
     assert h.data_offset < blob.numel()
 
 
@@ -106,26 +157,28 @@ def test_not_a_blob_raises(small_blob):
     with pytest.raises(BlobFormatError, match="1-D uint8"):
         codec.decode(blob.view(torch.int8))
     with pytest.raises(BlobFormatError, match="1-D uint8"):
-        codec.decode(blob[:80].view(2, 40))
+        codec.decode(blob[:88].view(2, 44))
 
 
 def _rebuild(blob: torch.Tensor, payload: torch.Tensor | None = None, **header_changes) -> torch.Tensor:
-    """A blob with a changed header and/or raw payload and a VALID checksum (chunks stored raw)."""
+    """A blob with a changed header and/or raw payload and a VALID CRC (uncoded)."""
     h = blobfmt.read_header(blob)
+    assert h.coder == 0, "rebuild needs a blob of the 'none' coder"
     if payload is None:
-        table = blobfmt.chunk_table(blob, h)
-        assert all(raw for _, _, raw in table), "rebuild needs a blob of the 'none' coder"
         payload = blob[h.data_offset :]
     h = replace(h, **header_changes)
-    chunks = split_chunks(payload, h.chunk_bytes)
-    return blobfmt.assemble(replace(h, raw_size=payload.numel()), chunks, [True] * len(chunks))
+    if h.version != blobfmt.FORMAT_VERSION:  # frame() writes the current version: patch it in afterwards
+        out = blobfmt.frame(replace(h, version=blobfmt.FORMAT_VERSION), payload)
+        out[4:6] = torch.tensor(list(struct.pack("<H", h.version)), dtype=torch.uint8)
+        return out
+    return blobfmt.frame(h, payload)
 
 
 def test_wrong_version_raises(art):
     codec = KVTCCodec(art, 4, entropy="none")
     blob = codec.encode(*kv(6), 0, 1, 1)
-    with pytest.raises(BlobFormatError, match="version 2"):
-        codec.decode(_rebuild(blob, version=2))
+    with pytest.raises(BlobFormatError, match="version 3"):
+        codec.decode(_rebuild(blob, version=3))
 
 
 def test_blob_from_another_artifact_raises(art):
@@ -147,7 +200,7 @@ def test_wrong_ratio_and_caller_expectations_raise(art, small_blob):
     codec.decode(blob, expected_tokens=10, expected_start=0)
 
 
-def test_crafted_blobs_with_valid_checksums_are_rejected(art):
+def test_crafted_blobs_with_valid_crcs_are_rejected(art):
     codec = KVTCCodec(art, 4, entropy="none", chunk_bytes=128)
     n, nh = 8, 2
     k, v = kv(n, seed=12)
@@ -164,11 +217,11 @@ def test_crafted_blobs_with_valid_checksums_are_rejected(art):
         codec.decode(_rebuild(blob, exact_dtype=blobfmt.EXACT_DTYPES[torch.float16]))
     with pytest.raises(BlobFormatError, match="entropy coder id"):
         # a chunk flagged compressed with an unknown coder id
-        hh = replace(h, coder=7)
+        hh = replace(h, coder=7, chunk_bytes=128)
         chunks = split_chunks(payload, 128)
         codec.decode(blobfmt.assemble(hh, chunks, [False] + [True] * (len(chunks) - 1)))
     with pytest.raises(BlobFormatError, match="corrupt DEFLATE|DEFLATE"):
-        hh = replace(h, coder=EntropyCoderId.of("deflate"))
+        hh = replace(h, coder=EntropyCoderId.of("deflate"), chunk_bytes=128)
         chunks = split_chunks(payload, 128)
         codec.decode(blobfmt.assemble(hh, chunks, [False] + [True] * (len(chunks) - 1)))
     # non-finite quantization parameters: the first K param (fp16 shift of group 0, token 0) set to inf / nan.
@@ -188,13 +241,11 @@ def test_chunk_table_inconsistent_with_data_raises(art):
     codec = KVTCCodec(art, 16, entropy="none", chunk_bytes=100)
     blob = codec.encode(*kv(3), 0, 3, 0)
     h = blobfmt.read_header(blob)
-    table = list(struct.unpack(f"<{h.n_chunks}I", bytes(blob[80 : h.data_offset].tolist())))
-    table[0] -= 1
-    table[1] += 1
-    bad = blob.clone()
-    bad[80 : h.data_offset] = torch.tensor(list(struct.pack(f"<{h.n_chunks}I", *table)), dtype=torch.uint8)
-    bad[:80] = torch.tensor(list(replace(h, checksum=0).pack()), dtype=torch.uint8)
-    bad[:80] = torch.tensor(list(replace(h, checksum=checksum64_int(bad)).pack()), dtype=torch.uint8)
+    payload = blob[h.data_offset :]
+    hh = replace(h, coder=EntropyCoderId.of("deflate"), chunk_bytes=100)
+    chunks = split_chunks(payload, 100)
+    chunks = [chunks[0][:-1], torch.cat([chunks[0][-1:], chunks[1]])] + chunks[2:]  # sizes 99, 101, ...
+    bad = blobfmt.assemble(hh, chunks, [True] * len(chunks))  # a valid CRC over an inconsistent table
     with pytest.raises(BlobFormatError, match="stored chunk 0 has 99 bytes"):
         codec.decode(bad)
 

@@ -77,7 +77,7 @@ def test_pool_codec_rejects_bad_pools_and_bad_blobs_before_writing(art):
     before = [b.clone() for b in kd + vd]
     bad = blob.clone()
     bad[-1] ^= 1
-    with pytest.raises(BlobFormatError, match="checksum"):
+    with pytest.raises(BlobFormatError, match="CRC"):
         pc.decode_into(bad, kd, vd, slots)
     with pytest.raises(ShapeError, match="slots"):
         pc.decode_into(blob, kd, vd, slots[:5])

@@ -9,7 +9,9 @@ Thin kernels, one operation each, with a PyTorch reference of the same signature
     quant.group_params / pack           per token per group fp16 shift/scale, bit packing
     quant.unpack_dequantize             section bytes -> coefficients (fp16)
     gemm.reconstruct                    coefficients @ (basis / scale).T + mean -> RoPE -> pool rows
-    pool_codec.TritonPoolCodec          the pool-facing codec (same interface and blobs as ReferencePoolCodec)
+    pool_codec.TritonPoolCodec          the per-node pool codec (same interface and blobs as ReferencePoolCodec)
+    payload_rows                        the batched pool codec's kernels (batched.BatchedPoolCodec): payload
+                                        bytes read and written in KV-pool rows, CRC-32, row copies
 
 Importing this package does not import Triton (the kernel modules do, on first use of the names
 below), so the CPU interpreter can still be switched on by setting TRITON_INTERPRET=1 before that.

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.launches import launch
 from kvtc_sglang.codec.triton import reference as ref
 from kvtc_sglang.codec.triton.common import (
     PoolView,
@@ -151,7 +152,7 @@ def project(a: torch.Tensor, tables: BlockTables, out: torch.Tensor, n_rows: int
     if a.shape[0] % bm or a.dtype != torch.float16:
         raise ShapeError(f"project: kernel needs fp16 features with rows a multiple of {bm}, got {a.dtype} {tuple(a.shape)}")
     grid = (tables.r_enc // bn, triton.cdiv(n_rows, bm))
-    _project_kernel[grid](a, a.stride(0), tables.enc, tables.enc.stride(0), out, out.stride(0), tables.p,
+    launch(_project_kernel, grid, a, a.stride(0), tables.enc, tables.enc.stride(0), out, out.stride(0), tables.p,
                           BM=bm, BN=bn, BK=bk, EVEN_K=tables.p % bk == 0, INTERP=interpreting(),
                           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -214,8 +215,8 @@ def reconstruct(coeffs: torch.Tensor, tables: BlockTables, rope: RopeTables | No
     cos = rope.cos if rope is not None else tables.mean
     sin = rope.sin if rope is not None else tables.mean
     grid = (triton.cdiv(n_rows, bm), n_tiles)
-    _reconstruct_kernel[grid](
-        coeffs, coeffs.stride(0), tables.w, tables.w.stride(0), tables.mean, cos, sin,
+    launch(
+        _reconstruct_kernel, grid, coeffs, coeffs.stride(0), tables.w, tables.w.stride(0), tables.mean, cos, sin,
         pool.base, pool.offsets[kind], lo - pool.layer0, slots, idx0, n_rows, tables.r_dec, col0,
         HD=hd, D=d, R=cfg_rope.rotary_dim if cfg_rope else d, NEOX=(cfg_rope.style == "neox") if cfg_rope else True,
         ROPE=rope is not None, HPT=hpt, OUT=pool.value_code, ALIGNED=pool.aligned, BM=bm, BK=cfg["BK"],

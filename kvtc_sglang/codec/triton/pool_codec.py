@@ -6,7 +6,7 @@ either decodes with the other. Plan (constructor): device tables for every featu
 pool's per-layer buffers; `decode_into` (all layers) or `begin_decode` + `decode_layer_into` (one layer
 at a time, for overlap with the forward pass) write straight into pool rows. All kernels run on the
 caller's current CUDA stream and never synchronize; only the blob framing touches the host (header,
-chunk table, checksum, entropy-stage sizes).
+chunk table, CRC-32, entropy-stage sizes).
 
 Encode data flow per token chunk and kind: pool rows -> gather_features ([m, p] fp16, RoPE undone,
 mean removed) -> per block: project ([m, r] fp32) -> group_params + pack (section planes). Decode per
@@ -183,7 +183,7 @@ class TritonPoolCodec:
 
     def frame(self, payload: torch.Tensor, store_dtype: torch.dtype, n: int, start_pos: int, n_head: int,
               n_tail: int) -> torch.Tensor:
-        """Entropy stage + header + chunk table + checksum around a raw payload (KVTCCodec.frame)."""
+        """Entropy stage + header (+ chunk table) + CRC-32 around a raw payload (KVTCCodec.frame)."""
         return self.codec.frame(payload, store_dtype, n, start_pos, n_head, n_tail)
 
     # ------------------------------------------------------------------ decode
@@ -276,7 +276,7 @@ class TritonPoolCodec:
 
     def decode_payload_into(self, payload: torch.Tensor, header: blobfmt.BlobHeader, k_buffers, v_buffers,
                             slots: torch.Tensor, *, token_range: tuple[int, int] | None = None) -> None:
-        """`decode_into` from a raw payload and its header (no checksum, no entropy stage)."""
+        """`decode_into` from a raw payload and its header (no CRC check, no entropy stage)."""
         pool = self._pool(k_buffers, v_buffers, slots)
         job = self.begin_decode_payload(payload, header, slots, token_range=token_range, store_dtype=pool.store_dtype)
         self._write(job, pool, (0, self.shape[0]))

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.launches import launch
 from kvtc_sglang.codec.triton import reference as ref
 from kvtc_sglang.codec.triton.common import (
     check_tensor,
@@ -192,8 +193,8 @@ def group_params(coeffs: torch.Tensor, tables: BlockTables, section: torch.Tenso
         gp = max(1, 64 // ch)
         bt = 64 if interpreting() else 32
         grid = (triton.cdiv(n_rows, bt), triton.cdiv(cl.count, gp))
-        _group_params_kernel[grid](
-            coeffs, coeffs.stride(0), cl.start, cl.bits, cl.slot, cl.clip, cl.count, cl.size, tables.n_groups,
+        launch(
+            _group_params_kernel, grid, coeffs, coeffs.stride(0), cl.start, cl.bits, cl.slot, cl.clip, cl.count, cl.size, tables.n_groups,
             section, m_total, row0, n_rows, params, params.stride(1), BT=bt, GP=gp, CH=ch,
             CLIP=cl.clipped)
 
@@ -214,8 +215,8 @@ def pack(coeffs: torch.Tensor, tables: BlockTables, params: torch.Tensor, sectio
         return
     bt, bj = (64, 64) if interpreting() else (64, 32)
     grid = (triton.cdiv(n_rows, bt), triton.cdiv(tables.sym_bytes, bj))
-    _pack_kernel[grid](
-        coeffs, coeffs.stride(0), params, params.stride(1), tables.n_groups, tables.byte_bits, tables.byte_coord,
+    launch(
+        _pack_kernel, grid, coeffs, coeffs.stride(0), params, params.stride(1), tables.n_groups, tables.byte_bits, tables.byte_coord,
         tables.coord_group, tables.sym_bytes, tables.param_bytes, section, m_total, row0, n_rows, BT=bt, BJ=bj)
 
 
@@ -226,7 +227,7 @@ def unpack_dequantize(section: torch.Tensor, tables: BlockTables, m_total: int, 
     Args:
         out: shape [m_pad >= n_rows, width], float32 or float16, width >= rank (the kernel needs a
              multiple of 64, <= r_dec); columns >= rank and rows >= n_rows are set to 0.
-    Non-finite params are not checked here (the blob checksum guards against corruption).
+    Non-finite params are not checked here (the blob CRC-32 guards against corruption).
     """
     _check_section(section, tables, m_total, row0, n_rows)
     _check_coeffs("coefficients", out, tables, n_rows, tables.rank, (torch.float32, torch.float16))
@@ -237,6 +238,6 @@ def unpack_dequantize(section: torch.Tensor, tables: BlockTables, m_total: int, 
         raise ShapeError(f"coefficient buffer width {out.shape[1]} must be a multiple of 64 and <= {tables.r_dec}")
     bt, bc = (64, 64) if interpreting() else (32, 64)
     grid = (triton.cdiv(out.shape[0], bt), out.shape[1] // bc)
-    _unpack_kernel[grid](
-        section, m_total, row0, n_rows, out.shape[0], tables.coord_plane, tables.coord_shift, tables.coord_bits,
+    launch(
+        _unpack_kernel, grid, section, m_total, row0, n_rows, out.shape[0], tables.coord_plane, tables.coord_shift, tables.coord_bits,
         tables.coord_group, out, out.stride(0), OUT=value_code(out.dtype), INTERP=interpreting(), BT=bt, BC=bc)

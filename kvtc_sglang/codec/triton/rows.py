@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kvtc_sglang.codec.errors import ShapeError
+from kvtc_sglang.codec.launches import launch
 from kvtc_sglang.codec.quantize import FP16_MAX
 from kvtc_sglang.codec.triton import reference as ref
 from kvtc_sglang.codec.triton.common import (
@@ -126,8 +127,8 @@ def gather_exact(pool: PoolView, slots: torch.Tensor, idx0: int, n_rows: int, ou
         return ref.gather_exact(pool, slots, idx0, n_rows, out, row0)
     require_kernels(out.device)
     hd = pool.row_elems
-    _gather_exact_kernel[(n_rows, 2 * pool.n_layers)](
-        pool.base, pool.offsets, slots, idx0, out, row0, pool.n_layers, HD=hd, BLOCK=_exact_block(hd),
+    launch(
+        _gather_exact_kernel, (n_rows, 2 * pool.n_layers), pool.base, pool.offsets, slots, idx0, out, row0, pool.n_layers, HD=hd, BLOCK=_exact_block(hd),
         ALIGNED=pool.aligned)
 
 
@@ -159,8 +160,8 @@ def scatter_exact(exact: torch.Tensor, row0: int, n_rows: int, pool: PoolView, s
     hd = pool.row_elems
     src = value_code(exact.dtype, pool.kv_dtype)
     dst = pool.value_code
-    _scatter_exact_kernel[(n_rows, 2 * (hi - lo))](
-        exact, row0, exact.shape[2], lo, hi - lo, pool.base, pool.offsets, pool.n_layers, pool.layer0, slots, idx0,
+    launch(
+        _scatter_exact_kernel, (n_rows, 2 * (hi - lo)), exact, row0, exact.shape[2], lo, hi - lo, pool.base, pool.offsets, pool.n_layers, pool.layer0, slots, idx0,
         HD=hd, BLOCK=_exact_block(hd), SRC=src, DST=dst, RAW=raw, ALIGNED=pool.aligned, INTERP=interpreting())
 
 
@@ -200,8 +201,8 @@ def gather_features(pool: PoolView, kind: int, slots: torch.Tensor, idx0: int, n
     cos = rope.cos if rope is not None else mean
     sin = rope.sin if rope is not None else mean
     cfg = rope.cfg if rope is not None else None
-    _gather_features_kernel[grid](
-        pool.base, pool.offsets[kind], pool.layer0, slots, idx0, n_rows, out.shape[0], cos, sin, mean, out, out.stride(0),
+    launch(
+        _gather_features_kernel, grid, pool.base, pool.offsets[kind], pool.layer0, slots, idx0, n_rows, out.shape[0], cos, sin, mean, out, out.stride(0),
         HD=hd, D=d, R=cfg.rotary_dim if cfg else d, NEOX=(cfg.style == "neox") if cfg else True,
         ROPE=rope is not None, SRC=pool.value_code, OUT=value_code(out.dtype), ALIGNED=pool.aligned,
         INTERP=interpreting(), BT=bt, BC=bc)
