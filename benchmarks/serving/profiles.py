@@ -4,6 +4,10 @@ plan of server runs (configs interleaved in random order, one server at a time).
 * ``h200-first-slice``: one H200 within ~40 minutes of box time: radix, fp8, hicache2, kvtc16 on workload (a) at
   x in {1.5, 2.5, 3.5} and 0.7 x radix's saturation rate, one repeat, 20 s warm-up + 75 s windows, the break-even
   probe per config. Fewer than 1,000 returning turns per point: its p99s are flagged unreliable.
+* ``h200-slice``: one H200 within ~20 minutes of box time: radix, kvtc16, hicache2 and fp8, in that order (a run cut
+  short keeps the decisive pair), on workload (a) at x in {1, 2.5}, 15 s warm-up + 45 s windows, the break-even probe
+  at 4,096 tokens.
+  A few hundred returning turns per point: CIs are wide and p99s unreliable.
 * ``h200-full``: the sweep: every config (plus the flashinfer table), every workload, x in {1, 1.5, 2, 2.5, 3, 3.5,
   4, 6} at 0.7 x saturation, rates 0.5/0.7/0.9 x saturation at x in {1.5, 2.5, 4}, 3 repeats, 60 s warm-up +
   300 s windows (>= 1,000 returning turns per point at the rates seen on an H200); many hours of box time.
@@ -68,6 +72,7 @@ class Profile:
     stats_pause_s: float = 1.5
     request_timeout_s: float = 600.0
     seed: int = 0
+    shuffle_configs: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -83,6 +88,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             workloads={"multiturn": WorkloadPlan(_MT_H200, xs=(1.5, 2.5, 3.5))}, warmup_s=20.0, measure_s=75.0,
             common_args=_H200_COMMON, max_parallel_cap=32, saturation_window=(15.0, 40.0),
             breakeven_lengths=(1024, 4096, 16384)),
+    Profile("h200-slice", budget_tokens=65536, configs=("radix", "kvtc16", "hicache2", "fp8"),
+            workloads={"multiturn": WorkloadPlan(_MT_H200, xs=(1.0, 2.5))}, warmup_s=15.0, measure_s=45.0,
+            common_args=_H200_COMMON, max_parallel_cap=32, saturation_window=(10.0, 30.0),
+            breakeven_lengths=(4096,), shuffle_configs=False),
     Profile("h200-full", budget_tokens=65536,
             configs=("radix", "fp8", "fp4", "hicache2", "hicache8", "kvtc8", "kvtc16", "kvtc32", "unlimited",
                      "radix@flashinfer", "kvtc16@flashinfer"),
@@ -141,14 +150,16 @@ class ServerRun:
 
 def plan_runs(profile: Profile, configs: list[str] | None = None) -> list[ServerRun]:
     """Every (config, repeat) server run with its points. Repeat r runs the configs in a random order (seeded by the
-    profile's seed and r), except that the first run of all is radix's when a saturation probe is needed (radix
-    sets the rates); points within a run are shuffled too. Each repeat draws new trace seeds."""
+    profile's seed and r; the profile's order when ``shuffle_configs`` is off), except that the first run of all is
+    radix's when a saturation probe is needed (radix sets the rates); points within a run are shuffled too. Each
+    repeat draws new trace seeds."""
     names = list(configs or profile.configs)
     runs: list[ServerRun] = []
     for rep in range(profile.repeats):
         rng = random.Random(f"{profile.seed}:order:{rep}")
         order = names[:]
-        rng.shuffle(order)
+        if profile.shuffle_configs:
+            rng.shuffle(order)
         if rep == 0 and "radix" in order:
             order.remove("radix")
             order.insert(0, "radix")
