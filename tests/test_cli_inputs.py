@@ -30,6 +30,16 @@ def test_counts_below_one_are_rejected_by_the_parser(argv, capsys):
     assert "must be >= 1" in err or "is not an integer" in err
 
 
+@pytest.mark.parametrize("value", ["-0.5", "nan", "inf", "half"])
+def test_layer_equalization_must_be_a_finite_non_negative_number(value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--out", "x", "--layer-equalization", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--layer-equalization" in err
+    assert "must be a finite number >= 0" in err or "is not a number" in err
+
+
 def test_calibrate_refuses_an_existing_file_as_out_before_any_work(tmp_path, capsys):
     target = tmp_path / "artifact"
     target.write_text("not a directory")

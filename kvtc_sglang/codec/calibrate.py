@@ -53,6 +53,10 @@ class CalibrationSettings:
     seed: int = 0
     joint_kv: bool = True  # with sensitivity weighting: one budget of 2B shared by K and V
     scale_floor: float = 0.3  # feature scales are clamped below at this fraction of their RMS
+    # Per-layer energy equalization before PCA: each layer's (scaled) features are multiplied by
+    # (mean energy / layer energy) ** (alpha / 2), per kind, so that no few high-variance layers own the basis.
+    # 0 = off; 1 = equal energy per layer.
+    layer_equalization: float = 0.0
     clip: bool = True  # fit per-(size, bits) clip factors of the quantizer range (False: min/max)
     # Every dp_holdout-th window feeds only the DP sample, never the covariance, so the DP sees the
     # basis's error on tokens it was not fitted to (0: the DP samples from every window).
@@ -151,6 +155,11 @@ class _Reservoir:
                 self.rows[j[keep]] = rest[keep]
             self.seen += n
 
+    def scale_columns(self, c: torch.Tensor) -> None:
+        """Multiply every kept row by c ([f] float32), as if the stream had been scaled."""
+        if self.rows is not None:
+            self.rows[: self.filled] *= c
+
     def sample(self) -> torch.Tensor:
         return self.rows[: self.filled]
 
@@ -161,6 +170,16 @@ def sensitivity_scales(fisher: dict[str, torch.Tensor], floor: float) -> dict[st
     s = {kind: f.double().clamp_min(0).sqrt() for kind, f in fisher.items()}
     rms = torch.cat(list(s.values())).pow(2).mean().sqrt().clamp_min(1e-30)
     return {kind: (x / rms).clamp_min(floor).float() for kind, x in s.items()}
+
+
+def equalization_factors(variances: torch.Tensor, num_layers: int, alpha: float) -> torch.Tensor:
+    """Per-layer factors c_l = (mean_l E / E_l) ** (alpha / 2), E_l = summed variance of layer l's features.
+
+    variances: [p] (features ordered [layer][head][dim]); returns [num_layers] float64. Scaling layer l's features
+    by c_l makes the layers' energies E_l * c_l^2 equal when alpha = 1 (alpha = 0: all ones).
+    """
+    e = variances.double().view(num_layers, -1).sum(1).clamp_min(1e-30)
+    return (e.mean() / e) ** (alpha / 2)
 
 
 def calibrate(
@@ -218,6 +237,17 @@ def calibrate(
                 res[kind].add(x)
         n_tokens += x.shape[0]
     t_prefill = time.time() - t0
+    layer_factors = {}
+    if settings.layer_equalization > 0:
+        for kind in KINDS:
+            c = equalization_factors(torch.cat([a_.variances() for a_ in acc[kind]]), L,
+                                     settings.layer_equalization)
+            layer_factors[kind] = [round(float(x), 4) for x in c]
+            cf = c.repeat_interleave(H * D)
+            for a_, (_, _, off, pb) in zip(acc[kind], blocks_geom):
+                a_.rescale(cf[off : off + pb])
+            res[kind].scale_columns(cf.float())
+            scales[kind] = scales[kind] * cf.float()
 
     blocks: dict[str, list[FeatureBlock]] = {}
     solutions: dict[str, list] = {}
@@ -281,6 +311,8 @@ def calibrate(
             "weighting": "fisher" if sensitivity is not None else "none",
             "joint_kv_budget": joint,
             "scale_floor": settings.scale_floor if sensitivity is not None else None,
+            "layer_equalization": settings.layer_equalization,
+            **({"layer_factors": layer_factors} if layer_factors else {}),
             "ratios": list(settings.ratios),
             "seed": settings.seed,
             "seconds_prefill": round(t_prefill, 1),

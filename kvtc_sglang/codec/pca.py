@@ -47,6 +47,24 @@ class CovarianceAccumulator:
             self._gram += (xc.T @ xc).double()
         self.n += x.shape[0]
 
+    def variances(self) -> torch.Tensor:
+        """[p] float64 per-feature variance (the covariance's diagonal, 1/n normalisation)."""
+        if self.n < 2 or self._gram is None:
+            raise ShapeError("need an unreleased accumulator with at least two samples")
+        m = self._sum / self.n
+        return self._gram.diagonal() / self.n - m * m
+
+    def rescale(self, c: torch.Tensor) -> None:
+        """Turn the statistics of x into those of c ⊙ x (c: [p] positive scales), as if every batch had been scaled."""
+        if c.shape != (self.p,):
+            raise ShapeError(f"expected [{self.p}] scales, got {tuple(c.shape)}")
+        cd = c.to(self.device, torch.float64)
+        if self._ref is not None:
+            self._ref = (self._ref.double() * cd).float()
+        self._sum *= cd
+        if self._gram is not None:
+            self._gram *= torch.outer(cd, cd)
+
     def release(self) -> None:
         """Free the Gram matrix (after fit_pca); the accumulator can no longer give a covariance."""
         self._gram = None

