@@ -46,18 +46,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+_ARTIFACTS: dict = {}
+
+
+def artifact_for(shape, device):
+    """The synthetic 16x artifact of ``shape`` (L, H, D), made once per shape: its random orthonormal bases come from
+    a QR on ``device`` (on the CPU, a Llama-3.1-8B-sized QR takes minutes)."""
+    from kvtc_sglang.testing.synthetic import dp_like_plan, synthetic_artifact
+
+    key = (tuple(shape), str(device))
+    if key not in _ARTIFACTS:
+        L, H, D = shape
+        p = L * H * D
+        rank = max(16, (p // 4) // 16 * 16)  # ~16x at bf16 with the plan's bit mix
+        _ARTIFACTS[key] = synthetic_artifact(L, H, D, {16: [(dp_like_plan(p, rank, 16), dp_like_plan(p, rank, 16))]},
+                                             seed=0, device=device)
+    return _ARTIFACTS[key]
+
+
 def build(shape, n_nodes: int, tokens: int, device):
     import torch
 
     from kvtc_sglang import sglang_compat as compat
     from kvtc_sglang.cache.factory import make_kvtc_cache
     from kvtc_sglang.cache.options import KVTCOptions
-    from kvtc_sglang.testing.synthetic import dp_like_plan, synthetic_artifact, synthetic_kv
+    from kvtc_sglang.testing.synthetic import synthetic_kv
 
     L, H, D = shape
-    p = L * H * D
-    rank = max(16, (p // 4) // 16 * 16)  # ~16x at bf16 with the plan's bit mix
-    art = synthetic_artifact(L, H, D, {16: [(dp_like_plan(p, rank, 16), dp_like_plan(p, rank, 16))]}, seed=0)
+    art = artifact_for(shape, device)
     pool_tokens = n_nodes * tokens * 2 + 1024
     pool = compat.MHATokenToKVPool(size=pool_tokens, page_size=1, dtype=torch.bfloat16, head_num=H, head_dim=D,
                                    layer_num=L, device=str(device), enable_memory_saver=False, enable_alt_stream=False)

@@ -100,6 +100,8 @@ class KVData:
         tokens = list(tokens)
         if not tokens:
             return torch.empty(0, L, H, D), torch.empty(0, L, H, D)
+        if min(tokens) < 0 or max(tokens) >= self.vocab:
+            raise ValueError(f"token ids must be in [0, {self.vocab}) (KVData(vocab=...)), got {min(tokens)}..{max(tokens)}")
         k = torch.stack([self._key(t, start + i) for i, t in enumerate(tokens)])
         return k, self.v[torch.as_tensor(tokens, dtype=torch.int64)]
 

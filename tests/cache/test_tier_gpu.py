@@ -58,7 +58,7 @@ def gpu_tier(pool_tokens=512, page_size=1, counter=True, **option_values):
     cache = KVTCRadixCache(params, codec, options, layer_counter=layer_counter)
     cache.codec.warmup(cache.pool_rows)
     torch.cuda.synchronize()
-    return cache, pool, allocator, KVData(art)
+    return cache, pool, allocator, KVData(art, vocab=2048)  # token ids here reach 1,113
 
 
 def write(pool, kv, slots, tokens, start=0):

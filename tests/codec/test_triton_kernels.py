@@ -556,7 +556,7 @@ def test_compressing_into_the_store_never_waits_for_the_device(device):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(blob, want)
     h = blobfmt.read_header(want)
-    blobfmt.verify_checksum(want, h)
+    blobfmt.verify_crc(want, h)
 
 
 def test_bad_inputs_raise_before_writing(device):
