@@ -97,9 +97,9 @@ def main(argv=None) -> int:
 
     from kvtc_sglang.models.calibration import ensure_artifact
     from kvtc_sglang.eval.baselines import BASELINES
-    from kvtc_sglang.eval.eval_texts import DEFAULT_WINDOW, chat_conversations, describe, load_text, text_windows
+    from kvtc_sglang.eval.eval_texts import chat_conversations
     from kvtc_sglang.eval.provenance import git_commit, machine_description
-    from kvtc_sglang.eval.rate_distortion import baseline_method, evaluate_methods, format_rows, kvtc_method
+    from kvtc_sglang.eval.rate_distortion import baseline_method, evaluate_text, format_rows, kvtc_method
     from kvtc_sglang.models.registry import model_label, model_path
     from kvtc_sglang.models.smollm2 import load_model
 
@@ -146,13 +146,10 @@ def main(argv=None) -> int:
     methods += [baseline_method(b) for b in BASELINES if b.name in names]
     rows = []
     for name in args.text:
-        text = load_text(name, tok)
-        prefix = args.prefix or DEFAULT_WINDOW[name][0]
-        score = args.score or DEFAULT_WINDOW[name][1]
-        windows = text_windows(text, args.windows, prefix + score)
-        text_rows = evaluate_methods(model, windows, methods, prefix=prefix, score=score, desc=f"{label} {name}")
+        text_rows = evaluate_text(model, tok, name, methods, windows=args.windows, prefix=args.prefix,
+                                  score=args.score, desc=f"{label} {name}")
         for r in text_rows:
-            r.update(stamp, **describe(text))
+            r.update(stamp)
         print(f"\n{label} — {name}\n" + format_rows(text_rows))
         rows += text_rows
         path_json = out / "accuracy.json"

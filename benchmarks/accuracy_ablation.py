@@ -71,9 +71,8 @@ def main(argv=None) -> int:
 
     from kvtc_sglang.codec.artifact import load_artifact
     from kvtc_sglang.eval.baselines import BASELINES
-    from kvtc_sglang.eval.eval_texts import DEFAULT_WINDOW, describe, load_text, text_windows
     from kvtc_sglang.eval.provenance import git_commit, machine_description
-    from kvtc_sglang.eval.rate_distortion import (baseline_method, evaluate_methods, format_rows, kvtc_method,
+    from kvtc_sglang.eval.rate_distortion import (baseline_method, evaluate_text, format_rows, kvtc_method,
                                                   split_plan_method)
     from kvtc_sglang.models.registry import model_label, model_path
     from kvtc_sglang.models.smollm2 import load_model
@@ -101,13 +100,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "accuracy_ablation.json"
     for text_name in args.text:
-        text = load_text(text_name, tok)
-        prefix = args.prefix or DEFAULT_WINDOW[text_name][0]
-        score = args.score or DEFAULT_WINDOW[text_name][1]
-        windows = text_windows(text, args.windows, prefix + score)
-        rows = evaluate_methods(model, windows, methods, prefix=prefix, score=score, desc=f"{label} {text_name}")
+        rows = evaluate_text(model, tok, text_name, methods, windows=args.windows, prefix=args.prefix,
+                             score=args.score, desc=f"{label} {text_name}")
         for r in rows:
-            r.update(describe(text), model=label, machine=machine, commit=commit)
+            r.update(model=label, machine=machine, commit=commit)
         print(f"\n{label} — {text_name}\n" + format_rows(rows, with_variant=True), flush=True)
         old = json.loads(path.read_text()) if path.is_file() else []
         # rows accumulate across passes (every pass scores the same windows, so rows stay paired); a row of the

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from kvtc_sglang.codec.artifact import CalibrationArtifact
 from kvtc_sglang.codec.codec import KVTCCodec
 from kvtc_sglang.eval.baselines import Baseline
+from kvtc_sglang.eval.eval_texts import DEFAULT_WINDOW, describe, load_text, text_windows
 from kvtc_sglang.models.kv_capture import capture_kv
 
 # A method maps (k, v [n, L, H, D] bf16 prefix KV, lo, hi) to (k̂, v̂ [n, L, H, D], stored bytes of the
@@ -223,6 +224,20 @@ def evaluate_methods(model, windows: Sequence[tuple[torch.Tensor, torch.Tensor]]
             delta_ppl_ci95=list(paired_delta_ci(nm, nb, nt, bootstrap)),
             top1_agreement=float(sum(rec.agree)) / N, **common,
         ))
+    return rows
+
+
+def evaluate_text(model, tokenizer, name: str, methods: Sequence[Method], *, windows: int, prefix: int | None = None,
+                  score: int | None = None, desc: str = "windows") -> list[dict]:
+    """``evaluate_methods`` on ``windows`` windows of the evaluation text ``name`` ("prose", "code" or "chat"), at
+    that text's default prefix + score lengths unless given; every row carries the text's description."""
+    text = load_text(name, tokenizer)
+    prefix = prefix or DEFAULT_WINDOW[name][0]
+    score = score or DEFAULT_WINDOW[name][1]
+    rows = evaluate_methods(model, text_windows(text, windows, prefix + score), methods, prefix=prefix, score=score,
+                            desc=desc)
+    for r in rows:
+        r.update(describe(text))
     return rows
 
 
