@@ -1,4 +1,4 @@
-"""Dynamic-programming bit allocation over PCA coordinates (DESIGN §2).
+"""Dynamic-programming bit allocation over PCA coordinates (the bit allocation of KVTC).
 
 Coordinates [0, r) are covered in order by consecutive groups. A group has a size from `sizes`
 (default {1, 16, 64, 256, 1024}) and a type from {dropped, 2, 4, 8 bits}; a kept group costs

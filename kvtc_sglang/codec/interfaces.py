@@ -52,7 +52,7 @@ class PoolCodec(Protocol):
 
 @runtime_checkable
 class BatchedCodec(Protocol):
-    """The compressed tier's codec contract (TIER_DESIGN.md §3), implemented by ``codec.triton.batched.BatchedPoolCodec``
+    """The compressed tier's codec contract, implemented by ``codec.triton.batched.BatchedPoolCodec``
     (PyTorch route and Triton route): plan a pool once, then encode many nodes per call straight into KV-pool rows
     and decode many blobs per call, layer group by layer group, all on the caller's current stream and without any
     host read of device data. Types: ``payload_layout.BlobLayout``, ``pool_rows.PoolRows``, ``jobs.EncodeJob``,

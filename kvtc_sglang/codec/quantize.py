@@ -3,7 +3,7 @@
 The PyTorch reference of the codec's quantizer; Triton kernels implement the same arithmetic.
 
 For a group of values x (one token, one group of PCA coefficients), b bits and a clip factor c:
-    lo    = min(x)                                  (c = 0: plain min/max, DESIGN §2)
+    lo    = min(x)                                  (c = 0: plain min/max)
     hi    = max(x)
     lo    = max(lo, mean(x) - c * std(x))           (c > 0: the range is clipped to c standard
     hi    = min(hi, mean(x) + c * std(x))            deviations around the group mean)

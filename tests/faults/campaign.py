@@ -9,8 +9,8 @@ A *fault class* is one way things go wrong, at one place:
     Each run drives a fresh cache to that point with the scenario of ``tests/cache/test_tier_faults.py`` (the
     stage's inline path, or the deferred one between launch and acknowledgement), on random token ids.
 ``corrupt.binding``
-    two compressed sibling nodes of equal length at the same position with their blob references swapped (the
-    bookkeeping bug issue 13 describes): load-back's host check of the blob's token ids must catch it.
+    two compressed sibling nodes of equal length at the same position with their blob references swapped (a
+    tree-bookkeeping bug that a CRC cannot see): load-back's host check of the blob's token ids must catch it.
 ``corrupt.host_copy_{1,2}bit``
     one or two random bits of a blob's pinned host copy flipped: the CRC-32 check at promotion must catch it.
 ``corrupt.pool_rows_{1,2}bit``

@@ -41,8 +41,8 @@ may run on two streams at once.
 
 Integrity: `EncodeBatch.crc[j]` (and `job.crc_out`) is zlib.crc32 of job j's payload bytes, computed on
 the device after the payload is written; `crc32.crc32_host(bytes)` checks it on the host. Decode does not
-check it (the device tier's decision, see TIER_DESIGN §5); `payload_crc(pool, rows, layout)` recomputes it
-on the device when a caller wants to.
+check it (blobs that stay in HBM are not re-checked per load; the tier checks CRCs where blobs cross to the
+host); `payload_crc(pool, rows, layout)` recomputes it on the device when a caller wants to.
 
 Routes: `reference=True` (or env KVTC_REFERENCE=1, or a device Triton cannot run on) runs the PyTorch
 route (`batched_reference.py`, what CPU servers and tests run); otherwise the Triton kernels
