@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvtc_sglang.codec.defaults import DEFAULT_EXACT, ExactPolicy
+from kvtc_sglang.codec.defaults import SERVING_EXACT, ExactPolicy
 
 KV_COMPRESS_CHOICES = ("none", "kvtc")
 ENTROPY_CHOICES = ("auto", "deflate", "gdeflate", "ans", "none")
@@ -116,7 +116,8 @@ class KVTCOptions:
             pool slots as the workload needs them. The pool itself is sized exactly as without the tier.
         host_spill: bytes of pinned host memory for blobs pushed out of the store ("0" disables host spill).
         sink_tokens: leading positions of every sequence that are never compressed (attention sinks).
-        window_tokens: most recent tokens at the end of a cached sequence that are never compressed.
+        window_tokens: most recent tokens at the end of a cached sequence that are never compressed (default 0:
+            ``codec.defaults.SERVING_EXACT`` says why).
         entropy: lossless stage after quantization: "auto" (GPU DEFLATE when nvCOMP is available, else none),
             "deflate", "gdeflate", "ans" or "none".
         min_compress_tokens: smallest run of compressible tokens (after removing sink and window tokens) worth
@@ -142,8 +143,8 @@ class KVTCOptions:
     ratio: float = 16.0
     store_budget: str | None = None
     host_spill: str = "0"
-    sink_tokens: int = DEFAULT_EXACT.sink_tokens
-    window_tokens: int = DEFAULT_EXACT.window_tokens
+    sink_tokens: int = SERVING_EXACT.sink_tokens
+    window_tokens: int = SERVING_EXACT.window_tokens
     entropy: str = "auto"
     min_compress_tokens: int = 32
     capture_dir: str | None = None

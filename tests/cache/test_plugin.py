@@ -356,7 +356,7 @@ def test_option_defaults_are_valid():
     assert options.store_cap_bytes(1 << 30) is None
     assert (options.stats_interval_s, options.verify, options.compress_ahead_watermark) == (30.0, "device", 0.75)
     assert (options.sink_tokens, options.window_tokens, options.entropy, options.min_compress_tokens) == (
-        4, 128, "auto", 32)
+        4, 0, "auto", 32)
     assert (options.capture_dir, options.capture_tokens, options.capturing) == (None, 65536, False)
 
 
