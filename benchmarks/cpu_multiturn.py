@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvtc_sglang.codec.defaults import SERVING_EXACT
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -46,10 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                              "evicts)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 engine's lockstep run")
     ap.add_argument("--ratio", type=int, default=16, help="KVTC target ratio (a plan of the artifact)")
-    ap.add_argument("--sink-tokens", type=int, default=4)
-    ap.add_argument("--window-tokens", type=int, default=32,
-                    help="recent tokens kept exact at the end of a cached sequence (default 32: these chats are "
-                         "50-1100 tokens, so the paper's 128 would keep most of them exact)")
+    ap.add_argument("--sink-tokens", type=int, default=SERVING_EXACT.sink_tokens)
+    ap.add_argument("--window-tokens", type=int, default=SERVING_EXACT.window_tokens,
+                    help="recent tokens kept exact at the end of a cached sequence (default: the tier's, "
+                         f"{SERVING_EXACT.window_tokens})")
     ap.add_argument("--min-compress-tokens", type=int, default=32)
     ap.add_argument("--entropy", default="deflate")
     ap.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32")
