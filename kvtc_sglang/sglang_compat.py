@@ -3,7 +3,7 @@
 Every other module reaches SGLang through this file: symbol accessors, dotted hook targets, the few
 private details the plugin depends on (ServerArgs' read-only guard, the memory-pool configurator's
 bytes-per-token, the hook registry's bookkeeping), and the list of private ``RadixCache`` / ``TreeNode`` /
-``RadixKey`` members that ``cache/radix_cache.py`` overrides or calls (``missing_tree_internals`` checks the
+``RadixKey`` members that ``cache/radix_cache.py`` (and its parts) overrides or calls (``missing_tree_internals`` checks the
 installed sglang still has them; a test keeps the list complete). Porting to a new SGLang release means editing
 this file (and regenerating ``patches/``), then reworking whatever ``missing_tree_internals`` reports.
 

@@ -12,7 +12,9 @@ from kvtc_sglang import sglang_compat as compat
 
 pytestmark = pytest.mark.sglang
 
-RADIX_CACHE_SOURCE = Path(compat.__file__).parent / "cache" / "radix_cache.py"
+# KVTCRadixCache and the modules of its parts (mixins)
+RADIX_CACHE_SOURCES = [Path(compat.__file__).parent / "cache" / f"{name}.py"
+                       for name in ("radix_cache", "compression", "eviction", "load_back", "host_spill")]
 
 
 def test_the_installed_sglang_has_every_listed_tree_internal():
@@ -36,7 +38,7 @@ def test_every_private_radix_cache_member_the_cache_uses_is_listed():
               | set(compat.RADIX_CACHE_PRIVATE_ATTRIBUTES))
     base = compat.RadixCache
     source = Path(__import__("inspect").getsourcefile(base)).read_text()
-    inherited = {n for n in _private_names_used(RADIX_CACHE_SOURCE)
+    inherited = {n for path in RADIX_CACHE_SOURCES for n in _private_names_used(path)
                  if hasattr(base, n) or f"self.{n} =" in source}
     assert inherited <= listed, f"list these in sglang_compat: {sorted(inherited - listed)}"
 
