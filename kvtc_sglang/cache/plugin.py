@@ -108,8 +108,9 @@ def add_cli_flags(parser: argparse.ArgumentParser) -> None:
         CLI_GROUP_TITLE,
         "Compress cold radix-cache nodes in GPU memory with KV Cache Transform Coding instead of evicting them.")
     group.add_argument("--kv-compress", type=str, choices=KV_COMPRESS_CHOICES, default=d.kv_compress,
-                       help="Compressed KV tier: 'kvtc' keeps cold prefix-cache nodes as KVTC blobs in a GPU "
-                            "store and restores them on a prefix hit; 'none' (default) is the plain radix cache.")
+                       help="Compressed KV tier: 'kvtc' keeps cold prefix-cache nodes as KVTC blobs in the KV "
+                            "pool's own slots and restores them on a prefix hit; 'none' (default) is the plain radix "
+                            "cache.")
     group.add_argument("--kvtc-calibration", type=str, default=d.calibration, metavar="PATH",
                        help="KVTC calibration artifact of the model (directory holding card.json). Make one with "
                             "`kvtc-sglang calibrate --model <model-path> --out <dir>`.")
