@@ -159,6 +159,16 @@ def _requests():
     return types.SimpleNamespace(new_request=C.new_request, admit=C.admit, finish=C.finish, checkpoint=C.checkpoint)
 
 
+def _run_scenario(scenario, h, point: str, kind, reqs) -> None:
+    """Run one fault scenario on harness ``h``; the load-back and promotion scenarios also take the requests."""
+    from tests.cache import test_tier_faults as tf
+
+    if scenario in (tf.load_back, tf.promote):
+        scenario(h, (point, kind), reqs)
+    else:
+        scenario(h, (point, kind))
+
+
 def _failure_total(counters) -> int:
     return sum(getattr(counters, name) for name in ("failures_compress", "failures_evict", "failures_load",
                                                    "failures_spill", "failures_ack", "integrity_failures"))
@@ -223,10 +233,7 @@ def run_injected(point: str, kind: str, scenario: Callable, config: dict, rng: r
         with time_limit(RUN_TIMEOUT_S), captured_lines() as lines:
             h = C.TierHarness(pool_tokens=config.pop("pool_tokens", 128), **config)
             before_fail = _failure_total(h.cache.kvtc_counters)
-            if scenario in (tf.load_back, tf.promote):
-                scenario(h, (point, kind), reqs)
-            else:
-                scenario(h, (point, kind))
+            _run_scenario(scenario, h, point, kind, reqs)
             out.injected = faults.fired(point) - before_fired
             moved = _failure_total(h.cache.kvtc_counters) - before_fail
             h.check()
@@ -438,10 +445,7 @@ def tp_rank_runs(rank: int, group: Any, runs_per_kind: int, seed: int) -> dict[s
                                           coded_bytes_per_token=24 + 16 * rank, **config)
                         before_fired, before_fail = faults.fired(point), _failure_total(h.cache.kvtc_counters)
                         with contextlib.nullcontext() if mine else _unarmed():
-                            if scenario in (tf.load_back, tf.promote):
-                                scenario(h, (point, kind), reqs)
-                            else:
-                                scenario(h, (point, kind))
+                            _run_scenario(scenario, h, point, kind, reqs)
                         out.injected = faults.fired(point) - before_fired
                         moved = _failure_total(h.cache.kvtc_counters) - before_fail
                         out.wrong_kv = _serve_after(h, reqs, seq + [tail])

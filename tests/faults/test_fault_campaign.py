@@ -18,14 +18,6 @@ pytestmark = pytest.mark.sglang
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "faults.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def meets_the_bar(row: dict, minimum: int) -> bool:

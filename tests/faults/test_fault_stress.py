@@ -24,14 +24,6 @@ from kvtc_sglang.cache import faults  # noqa: E402
 pytestmark = pytest.mark.sglang
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 TOTAL_STEPS = 100_000
 FULL_CHECK_EVERY = 25
